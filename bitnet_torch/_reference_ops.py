@@ -1,0 +1,90 @@
+"""Pure-PyTorch implementations of the ``torch.ops.bitnet`` operators.
+
+They define, operator by operator, the exact numbers every compiled backend must produce (the op
+contract is documented in :mod:`bitnet_torch.ops`), and they serve as the fallback implementation when
+the C++/CUDA extension cannot be built. Integer accumulations are exact (int32); the float epilogue is
+fixed in fp32 as ``float(acc) * (x_scale * w_scale) + bias`` and then cast to the input dtype, so a
+backend that follows the same order of operations agrees bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .packing import VALUES_PER_BYTE, unpack_ternary
+from .quant import quantize_activation as _quantize_activation
+from .quant import quantize_weight as _quantize_weight
+
+__all__ = [
+    "quantize_activation",
+    "ternary_matmul",
+    "ternary_linear",
+    "quantize_pack_weight",
+    "int8_linear",
+]
+
+
+def _int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``x_q @ w_q.T`` for int8 ``[M, K]`` and ``[N, K]`` on any device."""
+    if x_q.device.type == "cpu" or x_q.shape[0] > 16:
+        try:
+            return torch._int_mm(x_q.contiguous(), w_q.t())
+        except RuntimeError:
+            pass
+    return (x_q.to(torch.int32) @ w_q.to(torch.int32).t()) if x_q.device.type == "cpu" else (
+        # int32 matmul is not implemented on every GPU path; fp64 holds these sums exactly (|sum| < 2**53).
+        (x_q.double() @ w_q.double().t()).to(torch.int32)
+    )
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and fp32 per-token scales of ``x`` (SPEC §1); see :func:`bitnet_torch.quantize_activation`."""
+    return _quantize_activation(x)
+
+
+def ternary_matmul(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``[M, N]`` accumulations of int8 ``x_q [M, K]`` times the packed ternary ``[N/4, K]``."""
+    w_t = unpack_ternary(packed, validate=False)
+    return _int8_matmul(x_q, w_t)
+
+
+def ternary_linear(
+    x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Fused BitLinear inference: quantize ``x`` per token, ternary matmul, rescale, add bias.
+
+    ``weight_scale`` is the multiply-convention scale (mean |W|). Returns ``[..., N]`` in ``x.dtype``.
+    """
+    lead = x.shape[:-1]
+    n = packed.shape[0] * VALUES_PER_BYTE
+    x_q, x_scale = _quantize_activation(x.reshape(-1, x.shape[-1]))
+    acc = ternary_matmul(x_q, packed)
+    y = acc.float() * (x_scale * weight_scale.float().reshape(()))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+def quantize_pack_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean-quantize a float ``[N, K]`` weight and pack it: returns (uint8 ``[N/4, K]``, fp32 0-dim scale)."""
+    from .packing import pack_ternary
+
+    w_t, scale = _quantize_weight(w)
+    return pack_ternary(w_t), scale
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-token int8 activations times an int8 weight ``[N, K]`` with fp32 per-row scales ``[N]``.
+
+    Returns ``[..., N]`` in ``x.dtype``: ``float(acc) * (x_scale * weight_scale[n]) + bias``.
+    """
+    lead = x.shape[:-1]
+    n = weight.shape[0]
+    x_q, x_scale = _quantize_activation(x.reshape(-1, x.shape[-1]))
+    acc = _int8_matmul(x_q, weight)
+    y = acc.float() * (x_scale * weight_scale.float().reshape(1, n))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, n)

@@ -1,0 +1,160 @@
+"""Python face of the ``torch.ops.bitnet`` operators: schemas, fake kernels, fallback, wrappers.
+
+The op contract (every backend -- CPU C++, CUDA, the pure-PyTorch fallback -- implements exactly this;
+the numbers are defined by :mod:`bitnet_torch._reference_ops`):
+
+``quantize_activation(Tensor x) -> (Tensor x_q, Tensor scale)``
+    ``x`` fp32/bf16/fp16 ``[..., K]`` → int8 ``[..., K]`` and fp32 ``[..., 1]`` (SPEC §1, scale = absmax/127).
+``ternary_matmul(Tensor x_q, Tensor packed) -> Tensor``
+    int8 ``[M, K]`` × packed uint8 ``[N/4, K]`` (SPEC §3) → exact int32 ``[M, N]``.
+``ternary_linear(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor``
+    float ``[..., K]`` → quantize → ternary matmul → ``float(acc) * (x_scale * weight_scale) + bias``
+    (fp32) → ``[..., N]`` in ``x.dtype``. ``weight_scale``: one element, multiply convention (mean |W|).
+``quantize_pack_weight(Tensor w) -> (Tensor packed, Tensor scale)``
+    float ``[N, K]`` → packed uint8 ``[N/4, K]`` and the fp32 0-dim absmean scale.
+``int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor``
+    float ``[..., K]`` × int8 ``[N, K]`` with fp32 per-row scales ``[N]`` → ``[..., N]`` in ``x.dtype``
+    (the int8 ``lm_head``): ``float(acc) * (x_scale * weight_scale[n]) + bias``.
+
+The schemas are declared in C++ (``csrc/ops.cpp``) when the extension is available; otherwise this
+module declares the same schemas from Python and registers the reference implementation, after logging
+one warning that says why. Either way, callers use ``torch.ops.bitnet.*`` or the wrappers below.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from . import _reference_ops
+
+__all__ = [
+    "OP_SCHEMAS",
+    "quantize_activation",
+    "ternary_matmul",
+    "ternary_linear",
+    "quantize_pack_weight",
+    "int8_linear",
+    "extension_loaded",
+    "extension_error",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The operator schemas, name → schema; identical to those declared in ``csrc/ops.cpp`` (tested).
+OP_SCHEMAS: dict[str, str] = {
+    "quantize_activation": "quantize_activation(Tensor x) -> (Tensor, Tensor)",
+    "ternary_matmul": "ternary_matmul(Tensor x_q, Tensor packed) -> Tensor",
+    "ternary_linear": "ternary_linear(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor",
+    "quantize_pack_weight": "quantize_pack_weight(Tensor w) -> (Tensor, Tensor)",
+    "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
+}
+
+_extension_error: str | None = None
+_fallback_library: torch.library.Library | None = None
+
+
+def _load_extension() -> str | None:
+    """Load the compiled extension; return None on success, else the reason it is unavailable."""
+    try:
+        from . import _build
+    except ImportError as exc:  # pragma: no cover - the module is part of the package
+        return f"the build helper is missing ({exc})"
+    return _build.load_extension()
+
+
+def _define_fallback() -> None:
+    """Declare the schemas from Python and register the pure-PyTorch reference for every device."""
+    global _fallback_library
+    lib = torch.library.Library("bitnet", "DEF")
+    for name, schema in OP_SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, getattr(_reference_ops, name), "CompositeExplicitAutograd")
+    _fallback_library = lib
+
+
+def _register_fakes() -> None:
+    """Shape/dtype-only (meta) implementations so the ops trace under torch.compile and FakeTensor."""
+
+    @torch.library.register_fake("bitnet::quantize_activation")
+    def _(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1] + (1,), dtype=torch.float32)
+
+    @torch.library.register_fake("bitnet::ternary_matmul")
+    def _(x_q, packed):
+        torch._check(x_q.dim() == 2, lambda: "ternary_matmul: x_q must be 2-D [M, K]")
+        torch._check(packed.dim() == 2, lambda: "ternary_matmul: packed must be 2-D [N/4, K]")
+        torch._check(x_q.shape[1] == packed.shape[1], lambda: "ternary_matmul: K of x_q and packed differ")
+        return x_q.new_empty((x_q.shape[0], packed.shape[0] * 4), dtype=torch.int32)
+
+    @torch.library.register_fake("bitnet::ternary_linear")
+    def _(x, packed, weight_scale, bias):
+        torch._check(x.shape[-1] == packed.shape[1], lambda: "ternary_linear: K of x and packed differ")
+        return x.new_empty(x.shape[:-1] + (packed.shape[0] * 4,))
+
+    @torch.library.register_fake("bitnet::quantize_pack_weight")
+    def _(w):
+        torch._check(w.dim() == 2, lambda: "quantize_pack_weight: w must be 2-D [N, K]")
+        return w.new_empty((w.shape[0] // 4, w.shape[1]), dtype=torch.uint8), w.new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake("bitnet::int8_linear")
+    def _(x, weight, weight_scale, bias):
+        torch._check(x.shape[-1] == weight.shape[1], lambda: "int8_linear: K of x and weight differ")
+        return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+def _initialise() -> None:
+    global _extension_error
+    _extension_error = _load_extension()
+    if _extension_error is not None:
+        message = (
+            "bitnet_torch: the compiled kernels are unavailable, using the pure-PyTorch fallback "
+            f"(correct but slow). Reason: {_extension_error}"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        _define_fallback()
+    _register_fakes()
+
+
+def extension_loaded() -> bool:
+    """True when the compiled C++/CUDA kernels back ``torch.ops.bitnet``."""
+    return _extension_error is None
+
+
+def extension_error() -> str | None:
+    """Why the compiled extension is unavailable (None when it is loaded)."""
+    return _extension_error
+
+
+_initialise()
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization through the fastest backend (same numbers as the spec)."""
+    return torch.ops.bitnet.quantize_activation(x)
+
+
+def ternary_matmul(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Exact int32 product of int8 ``[M, K]`` activations and a packed ternary ``[N/4, K]`` weight."""
+    return torch.ops.bitnet.ternary_matmul(x_q, packed)
+
+
+def ternary_linear(
+    x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fused packed BitLinear forward (multiply-convention ``weight_scale``); output in ``x.dtype``."""
+    return torch.ops.bitnet.ternary_linear(x, packed, weight_scale, bias)
+
+
+def quantize_pack_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean-quantize and pack a float ``[N, K]`` weight: (uint8 ``[N/4, K]``, fp32 0-dim scale)."""
+    return torch.ops.bitnet.quantize_pack_weight(w)
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int8-weight (per-row fp32 scale) × per-token int8-activation linear; output in ``x.dtype``."""
+    return torch.ops.bitnet.int8_linear(x, weight, weight_scale, bias)
