@@ -24,17 +24,20 @@ __all__ = [
 ]
 
 
+def _int_mm_supported(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """Whether ``torch._int_mm`` accepts these shapes on this device (CUDA wants M > 16, K and N % 8 == 0)."""
+    if x_q.device.type == "cpu":
+        return True
+    m, k = x_q.shape
+    return x_q.device.type == "cuda" and m > 16 and k % 8 == 0 and w_q.shape[0] % 8 == 0
+
+
 def _int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 ``x_q @ w_q.T`` for int8 ``[M, K]`` and ``[N, K]`` on any device."""
-    if x_q.device.type == "cpu" or x_q.shape[0] > 16:
-        try:
-            return torch._int_mm(x_q.contiguous(), w_q.t())
-        except RuntimeError:
-            pass
-    return (x_q.to(torch.int32) @ w_q.to(torch.int32).t()) if x_q.device.type == "cpu" else (
-        # int32 matmul is not implemented on every GPU path; fp64 holds these sums exactly (|sum| < 2**53).
-        (x_q.double() @ w_q.double().t()).to(torch.int32)
-    )
+    if _int_mm_supported(x_q, w_q):
+        return torch._int_mm(x_q.contiguous(), w_q.t())
+    # fp64 holds these sums exactly (|sum| <= 127 * K << 2**53) on devices without an int8 GEMM for the shape.
+    return (x_q.double() @ w_q.double().t()).to(torch.int32)
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

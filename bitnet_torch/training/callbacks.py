@@ -1,0 +1,70 @@
+"""Transformers ``Trainer`` callbacks of the BitNet recipe; both act between steps, never inside forward.
+
+* :class:`WeightDecayScheduleCallback` -- weight decay 0.1 in stage 1, 0 in stage 2 (SPEC §2).
+* :class:`LambdaWarmupCallback` -- the gradual-quantization λ = min(step / warmup, 1) of every BitLinear
+  (SPEC §2), for converting a pretrained full-precision model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..nn import set_lambda
+from ..quant import lambda_schedule
+from .schedule import TwoStageSchedule, apply_weight_decay
+
+__all__ = ["LambdaWarmupCallback", "WeightDecayScheduleCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class WeightDecayScheduleCallback(TrainerCallback):
+    """Sets the decayed param groups' ``weight_decay`` from a :class:`TwoStageSchedule` before every step."""
+
+    def __init__(self, schedule: TwoStageSchedule) -> None:
+        self.schedule = schedule
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        optimizer = kwargs.get("optimizer")
+        if optimizer is None:
+            raise RuntimeError("WeightDecayScheduleCallback needs the Trainer to pass its optimizer")
+        before = self.schedule.weight_decay_at(max(state.global_step - 1, 0))
+        value = apply_weight_decay(optimizer, self.schedule, state.global_step)
+        if state.global_step > 0 and value != before:
+            logger.info("step %d: stage 2 begins, weight decay %.3g -> %.3g", state.global_step, before, value)
+
+
+class LambdaWarmupCallback(TrainerCallback):
+    """Sets λ = ``lambda_schedule(global_step, warmup_steps)`` on every BitLinear before each step.
+
+    At the end of training λ is left where the schedule put it; a warning says so when it is below 1
+    (the saved model is then evaluated fully quantized, which it was not fully trained for).
+    """
+
+    def __init__(self, warmup_steps: int) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+
+    def _apply(self, model, step: int) -> float:
+        if model is None:
+            raise RuntimeError("LambdaWarmupCallback needs the Trainer to pass its model")
+        value = lambda_schedule(step, self.warmup_steps)
+        if set_lambda(model, value) == 0:
+            raise ValueError("LambdaWarmupCallback: the model has no BitLinear layers")
+        return value
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._apply(kwargs.get("model"), state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._apply(kwargs.get("model"), state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        final = lambda_schedule(state.global_step, self.warmup_steps)
+        if final < 1.0:
+            logger.warning(
+                "training ended at λ=%.3f (< 1): the λ warm-up (%d steps) did not finish", final, self.warmup_steps
+            )
