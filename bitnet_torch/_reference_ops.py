@@ -25,10 +25,13 @@ __all__ = [
 
 
 def _int_mm_supported(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """Whether ``torch._int_mm`` accepts these shapes on this device (CUDA wants M > 16, K and N % 8 == 0)."""
-    if x_q.device.type == "cpu":
-        return True
+    """Whether ``torch._int_mm`` is exact for these shapes on this device.
+
+    CUDA wants M > 16 and K, N multiples of 8; on CPU (torch 2.13) K = 1 returns wrong sums for N > 1.
+    """
     m, k = x_q.shape
+    if x_q.device.type == "cpu":
+        return k >= 2
     return x_q.device.type == "cuda" and m > 16 and k % 8 == 0 and w_q.shape[0] % 8 == 0
 
 

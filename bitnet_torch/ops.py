@@ -54,6 +54,7 @@ OP_SCHEMAS: dict[str, str] = {
 
 _extension_error: str | None = None
 _fallback_library: torch.library.Library | None = None
+_cuda_reference_library: torch.library.Library | None = None
 
 
 def _load_extension() -> str | None:
@@ -73,6 +74,23 @@ def _define_fallback() -> None:
         lib.define(schema)
         lib.impl(name, getattr(_reference_ops, name), "CompositeExplicitAutograd")
     _fallback_library = lib
+
+
+def _register_reference_for_missing_cuda() -> None:
+    """With a CPU-only extension, serve CUDA tensors with the pure-PyTorch reference (correct, not fast)."""
+    global _cuda_reference_library
+    missing = [
+        name
+        for name in OP_SCHEMAS
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"bitnet::{name}", "CUDA")
+    ]
+    if not missing:
+        return
+    lib = torch.library.Library("bitnet", "IMPL")
+    for name in missing:
+        lib.impl(name, getattr(_reference_ops, name), "CUDA")
+    _cuda_reference_library = lib
+    logger.info("bitnet_torch: no compiled CUDA kernels for %s; CUDA tensors use the reference", ", ".join(missing))
 
 
 def _register_fakes() -> None:
@@ -115,12 +133,19 @@ def _initialise() -> None:
         )
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         _define_fallback()
+    else:
+        _register_reference_for_missing_cuda()
     _register_fakes()
 
 
 def extension_loaded() -> bool:
     """True when the compiled C++/CUDA kernels back ``torch.ops.bitnet``."""
     return _extension_error is None
+
+
+def _has_compiled_cuda_kernels() -> bool:
+    """True when the loaded extension brings its own CUDA kernels (not the reference registered for CUDA)."""
+    return extension_loaded() and _cuda_reference_library is None
 
 
 def extension_error() -> str | None:

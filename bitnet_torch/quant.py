@@ -90,8 +90,10 @@ def quantize_activation(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, t
     else:
         absmax = xf.abs().amax(dim=-1, keepdim=True)
     absmax = absmax.clamp(min=SCALE_EPS)
+    # ``qmax / absmax`` is ``absmax.reciprocal() * qmax`` in PyTorch on every device; kernels match that.
     x_q = torch.clamp(torch.round(xf * (qmax / absmax)), qmin, qmax).to(torch.int8)
-    return x_q, absmax / qmax
+    # A true division on every device (CUDA rewrites ``tensor / scalar`` as a multiply by the reciprocal).
+    return x_q, torch.div(absmax, torch.full_like(absmax, qmax))
 
 
 def dequantize_activation(x_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -40,6 +40,13 @@ def test_forward_matches_spec(bias, shape):
     torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("in_features", [1, 2, 3])
+def test_forward_matches_spec_for_tiny_k(in_features):
+    layer = BitLinear(in_features, 12, bias=False)
+    x = torch.randn(5, in_features)
+    torch.testing.assert_close(layer(x).double(), ref_bitlinear(x, layer.weight.detach()), rtol=1e-6, atol=1e-6)
+
+
 def test_forward_all_zero_tokens_are_finite():
     layer = BitLinear(32, 8, bias=True)
     x = torch.zeros(3, 32)

@@ -51,7 +51,7 @@ def _quantize_tokens(x2d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
 def _dequantized_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``W_t * scale`` in ``dtype``: the weight the forward pass multiplied with."""
     w_t, scale = quantize_weight(weight)
-    return (w_t.float() * scale).to(dtype)
+    return torch.mul(w_t, scale).to(dtype)  # int8 * fp32 promotes to fp32 in one pass
 
 
 class BitLinearFunction(torch.autograd.Function):
@@ -70,9 +70,9 @@ class BitLinearFunction(torch.autograd.Function):
         x_q, x_scale = _quantize_tokens(x2d, act_bits)
         w_t, w_scale = quantize_weight(weight)
         acc = _int8_matmul(x_q, w_t)
-        y = acc.float() * (x_scale * w_scale)
+        y = torch.mul(acc, x_scale * w_scale)  # int32 * fp32 promotes to fp32: float(acc) * scale
         if bias is not None:
-            y = y + bias.float()
+            y.add_(bias.float())
         ctx.save_for_backward(x_q, x_scale, weight)
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
@@ -89,7 +89,7 @@ class BitLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g @ _dequantized_weight(weight, compute_dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x_deq = (x_q.float() * x_scale).to(compute_dtype)
+            x_deq = torch.mul(x_q, x_scale).to(compute_dtype)
             grad_w = (g.t() @ x_deq).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(weight.dtype)

@@ -75,6 +75,7 @@ struct KernelTable {
 const KernelTable& scalar_kernels();
 const KernelTable* avx2_kernels();    //!< null when the library was built without x86 SIMD support
 const KernelTable* avx512_kernels();  //!< null when the library was built without x86 SIMD support
+const KernelTable* amx_kernels();     //!< AVX-512 table whose prefill runs on AMX-INT8 tiles; null likewise
 
 //! Largest K the ternary kernels accept (their scaled int32 lanes stay exact below it).
 constexpr int64_t kMaxTernaryK = int64_t(1) << 20;

@@ -45,6 +45,7 @@ struct Activations {
   int64_t ldx = 0;
   const int8_t* codes = nullptr;  //!< int8 [M, ldq] when x == nullptr
   int64_t ldq = 0;
+  bool codes_aligned16 = false;   //!< codes base pointer is 16-byte aligned
   const float* scales = nullptr;  //!< fp32 [M] per-token scales of `codes` (needed for a float output)
   int64_t m = 0;
   int64_t k = 0;

@@ -1,0 +1,387 @@
+// bitnet CPU kernels: AVX2 (+ FMA-free float math, F16C) implementation for CPUs without AVX-512 VNNI.
+//
+// Compiled for AVX2 through a target pragma (never through -march); isa.cpp only hands out this table when
+// cpuid reports avx2 and f16c and the OS saves ymm state.
+//
+// Layout and numeric contract: kernel_api.h. Without vpdpbusd the products go through vpmaddubsw
+// (unsigned x signed bytes -> saturating int16 pairs) and vpmaddwd against ones (-> int32):
+//   * ternary: the unsigned operand is the code (w + 1) of one slot, isolated with a shift and a mask
+//     (values 0..3), the signed one the int8 activation; a pair sums to at most 2 * 3 * 128 = 768, far from
+//     int16 saturation. Subtracting sum_k x_k turns codes into ternary values.
+//   * int8 (lm_head): the unsigned operand is |w| and the signed one x * sign(w) (vpsignb). The activation
+//     codes of int8_linear come from the quantizer and lie in [-127, 127], so x * sign(w) never overflows and
+//     a pair sums to at most 2 * 128 * 127 = 32512 (no saturation).
+//   * decode streams each packed row once per pair of tokens; prefill transposes a tile of 8 packed rows into
+//     dwords [K/4][8] once and reuses it for every token (2 tokens x 4 slots per micro-kernel step).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+
+#include "kernel_api.h"
+#include "scalar_common.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,f16c,bmi,bmi2"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC diagnostic push
+// GCC's intrinsic headers trip these on _mm512_undefined_*() placeholders.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx2,f16c,bmi,bmi2")
+#endif
+#include <immintrin.h>
+
+namespace bitnet_cpu {
+namespace {
+
+struct AlignedBuffer {
+  explicit AlignedBuffer(size_t bytes) : data(static_cast<uint8_t*>(::operator new(bytes + 64, std::align_val_t(64)))) {}
+  ~AlignedBuffer() { ::operator delete(data, std::align_val_t(64)); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  uint8_t* data;
+};
+
+inline int32_t hsum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// ---------------------------------------------------------------------------------------------- quantize
+
+template <FloatKind KIND>
+inline __m256 load8(const void* base, int64_t i) {
+  if constexpr (KIND == FloatKind::BF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (KIND == FloatKind::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+  } else {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  }
+}
+
+template <FloatKind KIND>
+int32_t quantize_row(const void* x, int64_t K, int8_t* q, float* scale) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 vmax0 = _mm256_setzero_ps(), vmax1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(load8<KIND>(x, k), abs_mask));
+    vmax1 = _mm256_max_ps(vmax1, _mm256_and_ps(load8<KIND>(x, k + 8), abs_mask));
+  }
+  for (; k + 8 <= K; k += 8) vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(load8<KIND>(x, k), abs_mask));
+  __m256 vmax = _mm256_max_ps(vmax0, vmax1);
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  float absmax = _mm_cvtss_f32(m4);
+  for (; k < K; ++k) {
+    const float a = std::fabs(load_float(x, KIND, k));
+    absmax = a > absmax ? a : absmax;
+  }
+  const float inv_s = activation_inverse_scale(absmax);
+  const __m256 inv = _mm256_set1_ps(inv_s);
+  const __m256 lo = _mm256_set1_ps(kActQmin), hi = _mm256_set1_ps(kActQmax);
+  __m256i sum = _mm256_setzero_si256();
+  for (k = 0; k + 8 <= K; k += 8) {
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(load8<KIND>(x, k), inv), lo), hi);
+    const __m256i i32 = _mm256_cvtps_epi32(_mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sum = _mm256_add_epi32(sum, i32);
+    const __m128i s16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(s16, s16));
+  }
+  int32_t total = hsum8(sum);
+  for (; k < K; ++k) {
+    const int8_t c = quantize_code(load_float(x, KIND, k) * inv_s);
+    q[k] = c;
+    total += c;
+  }
+  *scale = activation_scale(absmax);
+  return total;
+}
+
+void quantize_rows(const void* x, FloatKind kind, int64_t K, int64_t r0, int64_t r1, int8_t* x_q, int64_t lda,
+                   float* scale, int32_t* row_sum) {
+  const int64_t elem = kind == FloatKind::F32 ? 4 : 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const void* row = static_cast<const char*>(x) + r * K * elem;
+    int32_t s;
+    switch (kind) {
+      case FloatKind::BF16: s = quantize_row<FloatKind::BF16>(row, K, x_q + r * lda, scale + r); break;
+      case FloatKind::F16: s = quantize_row<FloatKind::F16>(row, K, x_q + r * lda, scale + r); break;
+      default: s = quantize_row<FloatKind::F32>(row, K, x_q + r * lda, scale + r);
+    }
+    if (row_sum != nullptr) row_sum[r] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- epilogue
+
+//! Store n <= 8 int32 accumulators of row m, columns [col, col + n), through the fused epilogue.
+inline void store8(const OutputSpec& o, int64_t m, int64_t col, __m256i acc, int64_t n) {
+  if (n < 8) {
+    alignas(32) int32_t v[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v), acc);
+    for (int64_t j = 0; j < n; ++j) store_output(o, m, col + j, v[j]);
+    return;
+  }
+  const int64_t i = m * o.ldo + col;
+  if (o.out_int32) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int32_t*>(o.out) + i), acc);
+    return;
+  }
+  const __m256 s = o.w_scale_per_col ? _mm256_mul_ps(_mm256_set1_ps(o.x_scale[m]), _mm256_loadu_ps(o.w_scale + col))
+                                     : _mm256_set1_ps(o.x_scale[m] * o.w_scale[0]);
+  __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), s);
+  if (o.bias != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(o.bias + col));
+  switch (o.out_kind) {
+    case FloatKind::BF16: {
+      const __m256i u = _mm256_castps_si256(y);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(o.out) + i), packed);
+      break;
+    }
+    case FloatKind::F16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(o.out) + i),
+                       _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    default: _mm256_storeu_ps(static_cast<float*>(o.out) + i, y);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- ternary
+
+template <int MT>
+void ternary_decode(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0,
+                    const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
+  const __m256i low2 = _mm256_set1_epi8(0x03), ones16 = _mm256_set1_epi16(1);
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* row = packed + p * K;
+    __m256i acc[MT][4];
+    for (int t = 0; t < MT; ++t)
+      for (int i = 0; i < 4; ++i) acc[t][i] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K32; k += 32) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+      __m256i c[4];
+      c[0] = _mm256_and_si256(b, low2);
+      c[1] = _mm256_and_si256(_mm256_srli_epi16(b, 2), low2);
+      c[2] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low2);
+      c[3] = _mm256_and_si256(_mm256_srli_epi16(b, 6), low2);
+      for (int t = 0; t < MT; ++t) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_q + (m0 + t) * lda + k));
+        for (int i = 0; i < 4; ++i)
+          acc[t][i] = _mm256_add_epi32(acc[t][i], _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], xv), ones16));
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      const int8_t* x = x_q + (m0 + t) * lda;
+      int32_t s[4];
+      for (int i = 0; i < 4; ++i) s[i] = hsum8(acc[t][i]);
+      for (int64_t k = K32; k < K; ++k) {
+        const int32_t b = row[k], v = x[k];
+        for (int i = 0; i < 4; ++i) s[i] += ((b >> (2 * i)) & 3) * v;
+      }
+      for (int i = 0; i < 4; ++i) store_output(out, m0 + t, i * P + p, s[i] - x_sum[m0 + t]);
+    }
+  }
+}
+
+//! Transpose byte rows [0, np) (row stride K) into dwords tile[kg * 8 + j] (zero padded), j < 8.
+inline void fill_dword_tile8(const uint8_t* rows, int64_t K, int64_t np, int64_t KG, uint32_t* tile) {
+  for (int64_t kg = 0; kg < KG; ++kg)
+    for (int64_t j = 0; j < 8; ++j) {
+      uint32_t v = 0;
+      if (j < np) {
+        if (kg * 4 + 4 <= K) {
+          std::memcpy(&v, rows + j * K + kg * 4, 4);
+        } else {
+          uint8_t bytes[4] = {0, 0, 0, 0};
+          for (int64_t t = 0; kg * 4 + t < K; ++t) bytes[t] = rows[j * K + kg * 4 + t];
+          std::memcpy(&v, bytes, 4);
+        }
+      }
+      tile[kg * 8 + j] = v;
+    }
+}
+
+template <int MR>
+inline void ternary_micro(const int8_t* x, int64_t lda, const uint32_t* tile, int64_t KG, const int32_t* x_sum,
+                          int64_t m, int64_t P, int64_t p, int64_t np, const OutputSpec& out) {
+  const __m256i low2 = _mm256_set1_epi8(0x03), ones16 = _mm256_set1_epi16(1);
+  __m256i acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_si256();
+  for (int64_t kg = 0; kg < KG; ++kg) {
+    const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + kg * 8));
+    __m256i c[4];
+    c[0] = _mm256_and_si256(b, low2);
+    c[1] = _mm256_and_si256(_mm256_srli_epi32(b, 2), low2);
+    c[2] = _mm256_and_si256(_mm256_srli_epi32(b, 4), low2);
+    c[3] = _mm256_and_si256(_mm256_srli_epi32(b, 6), low2);
+    for (int r = 0; r < MR; ++r) {
+      int32_t a32;
+      std::memcpy(&a32, x + r * lda + kg * 4, 4);
+      const __m256i a = _mm256_set1_epi32(a32);
+      for (int i = 0; i < 4; ++i)
+        acc[r][i] = _mm256_add_epi32(acc[r][i], _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], a), ones16));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    const __m256i corr = _mm256_set1_epi32(x_sum[m + r]);
+    for (int i = 0; i < 4; ++i) store8(out, m + r, i * P + p, _mm256_sub_epi32(acc[r][i], corr), np);
+  }
+}
+
+void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0, int64_t m1,
+                  const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
+  if (m1 - m0 <= kDecodeMaxRows) {
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) ternary_decode<2>(x_q, lda, x_sum, K, m, packed, P, p0, p1, out);
+    if (m < m1) ternary_decode<1>(x_q, lda, x_sum, K, m, packed, P, p0, p1, out);
+    return;
+  }
+  const int64_t KG = (K + 3) / 4;
+  AlignedBuffer tile_buffer(size_t(KG) * 32);
+  uint32_t* tile = reinterpret_cast<uint32_t*>(tile_buffer.data);
+  for (int64_t p = p0; p < p1; p += 8) {
+    const int64_t np = std::min<int64_t>(8, p1 - p);
+    fill_dword_tile8(packed + p * K, K, np, KG, tile);
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) ternary_micro<2>(x_q + m * lda, lda, tile, KG, x_sum, m, P, p, np, out);
+    if (m < m1) ternary_micro<1>(x_q + m * lda, lda, tile, KG, x_sum, m, P, p, np, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- int8
+
+template <int MT, int NR>
+inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n,
+                             const OutputSpec& out) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const int64_t K32 = K / 32 * 32;
+  __m256i acc[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K32; k += 32) {
+    __m256i xv[MT];
+    for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_q + (m0 + t) * lda + k));
+    for (int r = 0; r < NR; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + k));
+      const __m256i wa = _mm256_abs_epi8(wv);
+      for (int t = 0; t < MT; ++t)
+        acc[r][t] = _mm256_add_epi32(
+            acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv[t], wv)), ones16));
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < MT; ++t) {
+      int32_t s = hsum8(acc[r][t]);
+      const int8_t* x = x_q + (m0 + t) * lda;
+      const int8_t* row = w + (n + r) * K;
+      for (int64_t k = K32; k < K; ++k) s += int32_t(x[k]) * int32_t(row[k]);
+      store_output(out, m0 + t, n + r, s);
+    }
+}
+
+template <int MT>
+void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n0, int64_t n1,
+                 const OutputSpec& out) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) int8_decode_rows<MT, 2>(x_q, lda, K, m0, w, n, out);
+  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out);
+}
+
+template <int MR>
+inline void int8_micro(const int8_t* x, int64_t lda, const uint32_t* tile, int64_t KG, int64_t m, int64_t n,
+                       int64_t nn, const OutputSpec& out) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t kg = 0; kg < KG; ++kg) {
+    __m256i b[2], ba[2];
+    for (int v = 0; v < 2; ++v) {
+      b[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + kg * 16 + v * 8));
+      ba[v] = _mm256_abs_epi8(b[v]);
+    }
+    for (int r = 0; r < MR; ++r) {
+      int32_t a32;
+      std::memcpy(&a32, x + r * lda + kg * 4, 4);
+      const __m256i a = _mm256_set1_epi32(a32);
+      for (int v = 0; v < 2; ++v)
+        acc[r][v] = _mm256_add_epi32(
+            acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(ba[v], _mm256_sign_epi8(a, b[v])), ones16));
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 2; ++v) {
+      const int64_t left = nn - v * 8;
+      if (left <= 0) break;
+      store8(out, m + r, n + v * 8, acc[r][v], std::min<int64_t>(8, left));
+    }
+}
+
+void int8_gemm(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, int64_t m1, const int8_t* w, int64_t n0,
+               int64_t n1, const OutputSpec& out) {
+  if (m1 - m0 <= kDecodeMaxRows) {
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) int8_decode<2>(x_q, lda, K, m, w, n0, n1, out);
+    if (m < m1) int8_decode<1>(x_q, lda, K, m, w, n0, n1, out);
+    return;
+  }
+  const int64_t KG = (K + 3) / 4;
+  AlignedBuffer tile_buffer(size_t(KG) * 64);
+  uint32_t* tile = reinterpret_cast<uint32_t*>(tile_buffer.data);
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int64_t nn = std::min<int64_t>(16, n1 - n);
+    for (int v = 0; v < 2; ++v) {
+      const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(8, nn - v * 8));
+      // Interleave the two 8-row halves: tile[kg][v][8].
+      for (int64_t kg = 0; kg < KG; ++kg)
+        for (int64_t j = 0; j < 8; ++j) {
+          uint8_t bytes[4] = {0, 0, 0, 0};
+          if (j < rows)
+            for (int64_t t = 0; t < 4 && kg * 4 + t < K; ++t) bytes[t] = uint8_t(w[(n + v * 8 + j) * K + kg * 4 + t]);
+          std::memcpy(tile + kg * 16 + v * 8 + j, bytes, 4);
+        }
+    }
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) int8_micro<2>(x_q + m * lda, lda, tile, KG, m, n, nn, out);
+    if (m < m1) int8_micro<1>(x_q + m * lda, lda, tile, KG, m, n, nn, out);
+  }
+}
+
+}  // namespace
+
+const KernelTable* avx2_kernels() {
+  static const KernelTable table{"avx2", quantize_rows, ternary_gemm, int8_gemm, pack_rows_scalar};
+  return &table;
+}
+
+}  // namespace bitnet_cpu
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64
+
+namespace bitnet_cpu {
+const KernelTable* avx2_kernels() { return nullptr; }
+}  // namespace bitnet_cpu
+
+#endif

@@ -1,0 +1,18 @@
+// The bitnet operator schemas: one TORCH_LIBRARY block, nothing else.
+//
+// The five contract ops must match bitnet_torch/ops.py OP_SCHEMAS exactly (tests/test_ops_cpu.py checks it);
+// their numbers are defined by bitnet_torch/_reference_ops.py. Backends register implementations with
+// TORCH_LIBRARY_IMPL(bitnet, CPU / CUDA, m). The two underscore ops are utilities of the CPU backend:
+// _cpu_isa(request) selects the instruction set ("" reports it, "auto" picks the fastest, else "scalar",
+// "avx2", "avx512" or "amx") and returns the active one; _cpu_isa_available() lists what this CPU supports.
+#include <torch/library.h>
+
+TORCH_LIBRARY(bitnet, m) {
+  m.def("quantize_activation(Tensor x) -> (Tensor, Tensor)");
+  m.def("ternary_matmul(Tensor x_q, Tensor packed) -> Tensor");
+  m.def("ternary_linear(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor");
+  m.def("quantize_pack_weight(Tensor w) -> (Tensor, Tensor)");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
+  m.def("_cpu_isa(str request) -> str");
+  m.def("_cpu_isa_available() -> str[]");
+}
