@@ -1,0 +1,206 @@
+"""The ``bitnet-torch`` command line on tiny local models: help, info, export, convert, generate, train, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bitnet_torch.cli import CLIError, main
+from test_gguf_helpers import make_tiny_checkpoint, save_tiny_tokenizer
+
+COMMANDS = [["train"], ["finetune"], ["generate"], ["convert"], ["export"], ["export", "gguf"], ["bench"], ["info"]]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A full-precision tiny Llama (with tokenizer) and a packed tiny BitNet checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("cli")
+    llama = root / "llama"
+    tokenizer = save_tiny_tokenizer(llama)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(llama)
+    return {"root": root, "llama": llama, "packed": make_tiny_checkpoint(root / "packed", form="packed")}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.startswith("usage: bitnet-torch " + " ".join(command))
+    assert "--debug" in out or command == ["export"]
+
+
+def test_info_reports_backend_and_versions(capsys):
+    code, out, _ = run(["info", "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0
+    assert info["backend"]["backend"] in ("extension", "fallback")
+    assert info["versions"]["torch"] and info["versions"]["gguf"]
+    assert "loaded_library" in info["extension"]
+    code, out, _ = run(["info"], capsys)
+    assert code == 0 and "backend:" in out and "versions:" in out
+
+
+def test_export_gguf_writes_a_verified_file(tiny, tmp_path, capsys):
+    out_file = tmp_path / "tiny-tq2_0.gguf"
+    code, out, err = run(["export", "gguf", tiny["packed"], out_file, "--type", "tq2_0"], capsys)
+    assert code == 0, err
+    assert out_file.is_file()
+    assert "verified: 14 ternary tensors read back bit-exactly" in out
+    import torch
+
+    from bitnet_torch.export import load_gguf
+
+    _, state = load_gguf(out_file)
+    assert state["model.layers.0.mlp.down_proj.weight"].dtype == torch.uint8
+
+
+def test_convert_full_precision_to_master_to_packed_and_refuse_packed_to_master(tiny, capsys):
+    master, packed = tiny["root"] / "master", tiny["root"] / "packed-from-master"
+    code, out, err = run(["convert", tiny["llama"], master], capsys)
+    assert code == 0, err
+    assert json.loads((master / "config.json").read_text())["quantization_config"]["quantization_mode"] == "online"
+    assert (master / "tokenizer.json").is_file()
+    code, out, err = run(["convert", master, packed], capsys)
+    assert code == 0, err
+    assert json.loads((packed / "config.json").read_text())["quantization_config"]["quantization_mode"] == "offline"
+    code, out, err = run(["convert", packed, tiny["root"] / "back", "--to", "master"], capsys)
+    assert code == 1
+    assert err.startswith("error: ") and err.count("\n") == 1 and "master weights are gone" in err
+
+
+def test_generate_streams_prompt_and_chat_with_tokens_per_second(tiny, capsys):
+    code, out, err = run(["generate", tiny["packed"], "--prompt", "And God said", "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    assert out.startswith("And God said")
+    assert "tokens/s" in err and "[4 tokens" in err
+    assert "packed projections, int8 lm_head" in err
+    code, out, err = run(["generate", tiny["packed"], "--prompt", "And", "--max-new-tokens", "2", "--no-int8-lm-head"],
+                         capsys)
+    assert code == 0 and "float lm_head" in err
+    code, out, err = run(["generate", tiny["packed"], "--chat", "--prompt", "hello", "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
+    assert out.startswith("assistant> ") and "tokens/s" in err
+
+
+def test_generate_from_the_exported_gguf_matches_the_checkpoint(tiny, tmp_path, capsys):
+    gguf_file = tmp_path / "m.gguf"
+    assert run(["export", "gguf", tiny["packed"], gguf_file, "--embedding-type", "f32"], capsys)[0] == 0
+    args = ["--prompt", "And the earth", "--max-new-tokens", "6"]
+    code, from_dir, err = run(["generate", tiny["packed"], *args], capsys)
+    assert code == 0, err
+    code, from_gguf, err = run(["generate", gguf_file, "--tokenizer", tiny["packed"], *args], capsys)
+    assert code == 0, err
+    assert from_gguf == from_dir
+
+
+def test_missing_file_is_one_error_line_without_traceback(tmp_path, capsys):
+    for argv in (["export", "gguf", tmp_path / "nope", tmp_path / "x.gguf"],
+                 ["generate", tmp_path / "nope", "--prompt", "x"],
+                 ["convert", tmp_path / "nope", tmp_path / "out"]):
+        code, out, err = run(argv, capsys)
+        assert code == 1
+        assert err.startswith("error: ") and "not found" in err and err.count("\n") == 1, err
+        assert "Traceback" not in err
+
+
+def test_python_dash_m_runs_the_cli_and_errors_without_traceback(tmp_path):
+    """One fresh interpreter (each costs seconds): ``python -m bitnet_torch`` reaches the CLI and fails cleanly."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "bitnet_torch", "export", "gguf", str(tmp_path / "nope"), str(tmp_path / "x.gguf")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1].startswith("error: model directory not found")
+
+
+def test_debug_shows_the_exception(tmp_path):
+    with pytest.raises(CLIError, match="not found"):
+        main(["--debug", "generate", str(tmp_path / "nope"), "--prompt", "x"])
+
+
+def test_bench_without_benchmark_scripts_reports_clearly(tmp_path, capsys):
+    bench_dir = tmp_path / "benchmarks"
+    bench_dir.mkdir()
+    (bench_dir / "report.py").write_text((REPO / "benchmarks" / "report.py").read_text())
+    code, out, err = run(["bench", "--out", tmp_path / "report", "--bench-dir", bench_dir], capsys)
+    assert code == 1 and "no benchmark ran" in err
+
+
+def test_bench_report_renders_tables_plot_and_machine_info(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    result = tmp_path / "bench_linear.json"
+    result.write_text(json.dumps({  # the shape bench_linear.py writes; the numbers only feed the renderer
+        "meta": {"device": "cpu", "threads": 2},
+        "linear": [
+            {"K": 2560, "N": 2560, "M": 1, "ms": {"ours": 0.5, "fp32": 1.6}, "speedup_vs": {"fp32": 3.2}},
+            {"K": 2560, "N": 2560, "M": 128, "ms": {"ours": 4.0, "fp32": 5.6}, "speedup_vs": {"fp32": 1.4}},
+        ],
+        "activation_quantization": {"ours_ms": 0.1, "ratio_two_passes_over_ours": 1.5},
+    }))
+    md = report.write_report([result], tmp_path / "out")
+    text = md.read_text()
+    assert "| K | N | M | ms.ours | ms.fp32 | speedup_vs.fp32 |" in text
+    assert "| 2560 | 2560 | 128 | 4 | 5.6 | 1.4 |" in text
+    assert "### activation_quantization" in text and '- **meta**: `{"device": "cpu", "threads": 2}`' in text
+    assert "## Machine" in text and "logical_cores" in text
+    assert (tmp_path / "out" / "report.png").stat().st_size > 1000
+
+
+def test_train_tiny_budget_writes_master_and_packed(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Verse {i}. In the beginning God created the heaven and the earth.\n\n" for i in range(40)))
+    code, out, err = run(["train", "--output-dir", tmp_path / "run", "--data", corpus, "--preset", "5m",
+                          "--vocab-size", "300", "--max-steps", "2", "--block-size", "32", "--batch-size", "2",
+                          "--eval-steps", "0", "--eval-blocks", "2", "--sample-tokens", "4", "--disable-tqdm"], capsys)
+    assert code == 0, err
+    assert "trained" in out and "validation perplexity" in out
+    assert (tmp_path / "run" / "packed" / "config.json").is_file()
+    assert (tmp_path / "run" / "master" / "config.json").is_file()
+
+
+def test_finetune_tiny_budget_trains_and_merges_a_lora_adapter(tiny, tmp_path, capsys):
+    master = tmp_path / "master"
+    assert run(["convert", tiny["llama"], master], capsys)[0] == 0
+    code, out, err = run(["finetune", master, "--output-dir", tmp_path / "ft", "--max-steps", "2", "--batch-size", "2",
+                          "--num-examples", "8", "--max-length", "64", "--logging-steps", "1", "--sample-tokens", "4",
+                          "--disable-tqdm"], capsys)
+    assert code == 0, err
+    assert "fine-tuned" in out and "loss" in out
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "ft" / "merged-packed" / "config.json").is_file()
+
+
+def test_out_of_memory_and_wrong_format_errors_read_as_one_line_with_a_hint(tmp_path, capsys):
+    from bitnet_torch.cli import _error_line
+
+    line = _error_line(MemoryError("cannot allocate 12 GiB"))
+    assert line.startswith("out of memory") and "hint:" in line and "\n" not in line
+    not_gguf = tmp_path / "weights.txt"
+    not_gguf.write_text("hello")
+    code, _, err = run(["generate", not_gguf, "--prompt", "x"], capsys)
+    assert code == 1 and "not a .gguf" in err and err.count("\n") == 1
