@@ -210,7 +210,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     tokenizer = _copy_tokenizer(src, out)
     print(f"converted {src} ({what}) -> {out}" + ("" if tokenizer else " (no tokenizer found to copy)"))
     if not is_bitnet and target == "master":
-        print("next: keep training with the lambda warm-up (bitnet_torch.training.continue_pretraining) before packing")
+        print("next: keep training with the lambda warm-up (examples/convert_pretrained.py, LambdaWarmupCallback) before packing")
     return 0
 
 

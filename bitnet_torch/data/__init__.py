@@ -4,21 +4,23 @@
   split deterministically into training and validation documents;
 * :func:`train_bpe_tokenizer` -- a byte-level BPE tokenizer with the 2B-4T chat template (seconds);
 * :func:`pack_documents` -- fixed-length blocks as a ``datasets.Dataset``;
-* :func:`unigram_perplexity` -- the context-free baseline a language model must beat.
+* :func:`unigram_perplexity` -- the context-free baseline a language model must beat;
+* :func:`build_kjv_chat_dataset` -- a local ``messages``-format instruction set for SFT.
 """
 
 from .baseline import unigram_perplexity
+from .chat import build_kjv_chat_dataset
 from .blocks import pack_documents, pack_token_stream, tokenize_documents
 from .corpus import DEFAULT_CORPUS, TextSplits, load_text_splits, split_every_nth
 from .kjv import KJVChapter, kjv_database_path, load_kjv_chapters
-from .tokenizer import CHAT_TEMPLATE, EOT_TOKEN, train_bpe_tokenizer
+from .tokenizer import EOT_TOKEN, train_bpe_tokenizer
 
 __all__ = [
-    "CHAT_TEMPLATE",
     "DEFAULT_CORPUS",
     "EOT_TOKEN",
     "KJVChapter",
     "TextSplits",
+    "build_kjv_chat_dataset",
     "kjv_database_path",
     "load_kjv_chapters",
     "load_text_splits",

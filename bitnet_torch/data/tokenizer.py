@@ -2,8 +2,9 @@
 
 The result is a :class:`transformers.PreTrainedTokenizerFast` with Llama-3-style special tokens
 (``<|begin_of_text|>`` as BOS, ``<|end_of_text|>`` as EOS, ``<|eot_id|>`` ending a chat turn, a
-dedicated ``<|pad|>``) and the chat template of the BitNet b1.58 2B-4T model (SPEC §4): BOS, then
-``Role: content<|eot_id|>`` per message, then ``Assistant: `` when a generation prompt is asked for.
+dedicated ``<|pad|>``) and the chat template of the BitNet b1.58 2B-4T model (SPEC §4,
+:data:`bitnet_torch.models.LLAMA3_CHAT_TEMPLATE`): BOS, then ``Role: content<|eot_id|>`` per message, then
+``Assistant: `` when a generation prompt is asked for.
 It is saved next to the model with ``save_pretrained`` and reloads with ``AutoTokenizer``.
 """
 
@@ -14,12 +15,13 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ..models.chat import apply_llama3_chat_template
+
 __all__ = [
     "BOS_TOKEN",
     "EOS_TOKEN",
     "EOT_TOKEN",
     "PAD_TOKEN",
-    "CHAT_TEMPLATE",
     "train_bpe_tokenizer",
 ]
 
@@ -28,15 +30,6 @@ EOS_TOKEN = "<|end_of_text|>"
 EOT_TOKEN = "<|eot_id|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, PAD_TOKEN)
-
-#: The 2B-4T chat format (SPEC §4): ``<|begin_of_text|>User: hi<|eot_id|>Assistant: ``.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] | trim }}<|eot_id|>"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
-)
 
 #: The smallest vocabulary that still holds the 256 byte symbols and the special tokens.
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -77,5 +70,4 @@ def train_bpe_tokenizer(
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
-    wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
+    return apply_llama3_chat_template(wrapped)

@@ -3,19 +3,24 @@
 * :class:`WeightDecayScheduleCallback` -- weight decay 0.1 in stage 1, 0 in stage 2 (SPEC §2).
 * :class:`LambdaWarmupCallback` -- the gradual-quantization λ = min(step / warmup, 1) of every BitLinear
   (SPEC §2), for converting a pretrained full-precision model.
+* :class:`TimeBudgetCallback` -- stop after a wall-time budget (all ranks at the same step).
+* :class:`PerplexityLoggingCallback` -- report ``exp(eval_loss)`` next to a baseline.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..nn import set_lambda
 from ..quant import lambda_schedule
 from .schedule import TwoStageSchedule, apply_weight_decay
 
-__all__ = ["LambdaWarmupCallback", "WeightDecayScheduleCallback"]
+__all__ = ["LambdaWarmupCallback", "PerplexityLoggingCallback", "TimeBudgetCallback", "WeightDecayScheduleCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +73,50 @@ class LambdaWarmupCallback(TrainerCallback):
             logger.warning(
                 "training ended at λ=%.3f (< 1): the λ warm-up (%d steps) did not finish", final, self.warmup_steps
             )
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training once ``seconds`` of wall time have passed since training began.
+
+    Under ``torch.distributed`` the decision is all-reduced after every step so that every rank stops at
+    the same step (a rank stopping alone would hang the others in their next gradient all-reduce).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        if seconds <= 0:
+            raise ValueError(f"the time budget must be positive, got {seconds} s")
+        self.seconds = seconds
+        self._start: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        assert self._start is not None, "on_train_begin was not called"
+        over = time.perf_counter() - self._start > self.seconds
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if over else 0.0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item() > 0)
+        if over and not control.should_training_stop:
+            logger.info("time budget of %.0f s reached at step %d: stopping", self.seconds, state.global_step)
+            control.should_training_stop = True
+        return control
+
+
+class PerplexityLoggingCallback(TrainerCallback):
+    """Adds ``eval_perplexity = exp(eval_loss)`` to the evaluation metrics and logs it next to a baseline."""
+
+    def __init__(self, baseline_perplexity: float | None = None) -> None:
+        self.baseline_perplexity = baseline_perplexity
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            perplexity = math.exp(min(metrics["eval_loss"], 50.0))
+            metrics["eval_perplexity"] = perplexity
+            # The Trainer logged these metrics just before this event; record the perplexity with them.
+            if state.log_history and state.log_history[-1].get("eval_loss") == metrics["eval_loss"]:
+                state.log_history[-1]["eval_perplexity"] = perplexity
+            if state.is_world_process_zero:
+                baseline = f" (unigram baseline {self.baseline_perplexity:.1f})" if self.baseline_perplexity else ""
+                logger.info("step %d: validation perplexity %.2f%s", state.global_step, perplexity, baseline)
