@@ -6,6 +6,9 @@ The public API at the top level:
   :func:`unpack_ternary` (SPEC.md §1, §3);
 * layers: :class:`BitLinear` (quantization-aware training), :class:`PackedBitLinear` (inference),
   :func:`convert_to_bitnet`, :func:`pack_model`;
+* models: :class:`BitNetConfig`, :class:`BitNetModel`, :class:`BitNetForCausalLM` (Transformers-compatible;
+  importing ``bitnet_torch`` registers them with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` for
+  ``model_type: "bitnet"``, see :mod:`bitnet_torch.models`);
 * :func:`backend_info`: which kernels back ``torch.ops.bitnet``.
 """
 
@@ -16,11 +19,15 @@ from ._backend import backend_info
 from .nn import BitLinear, PackedBitLinear, RMSNorm, convert_to_bitnet, pack_model, set_lambda
 from .packing import pack_ternary, unpack_ternary
 from .quant import lambda_schedule, quantize_activation, quantize_weight
+from .models import BitNetConfig, BitNetForCausalLM, BitNetModel  # also registers them with transformers' Auto API
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BitLinear",
+    "BitNetConfig",
+    "BitNetForCausalLM",
+    "BitNetModel",
     "PackedBitLinear",
     "RMSNorm",
     "backend_info",

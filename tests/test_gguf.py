@@ -298,15 +298,12 @@ def test_load_gguf_refuses_missing_and_non_gguf_files(tmp_path):
 
 
 def test_model_from_gguf_builds_the_packed_model(checkpoints, tmp_path):
-    models = pytest.importorskip("bitnet_torch.models", reason="the model class (bitnet_torch.models) is not built yet")
-    if not hasattr(models, "BitNetForCausalLM"):
-        pytest.skip("bitnet_torch.models has no BitNetForCausalLM yet")
-    from bitnet_torch.export import model_from_gguf
+    from bitnet_torch import BitNetForCausalLM
 
     out = tmp_path / "m.gguf"
     export_gguf(checkpoints["packed"], out, "i2_s", embedding_type="f32")
-    from_gguf = model_from_gguf(out)
-    from_dir = models.BitNetForCausalLM.from_pretrained(checkpoints["packed"], packed=True)
+    from_gguf = BitNetForCausalLM.from_gguf(out)
+    from_dir = BitNetForCausalLM.from_pretrained(checkpoints["packed"], packed=True)
     state = from_gguf.state_dict()
     for name, (packed, _) in expected_projections(checkpoints["packed"], "packed").items():
         assert torch.equal(state[name], packed), f"{name} differs after GGUF -> model"

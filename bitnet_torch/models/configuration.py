@@ -12,6 +12,8 @@ and a Microsoft ``config.json`` is read by us. What we add:
   A config without one is taken to describe float master weights (``online``).
 * ``quantize_lm_head`` (default False): run the output head as int8 per output channel
   (:class:`~bitnet_torch.nn.Int8Linear`); logits then differ slightly from Transformers'.
+* ``hidden_act`` is ``"relu2"`` in BitNet b1.58; other activations are accepted for models converted from
+  Llama (:func:`~bitnet_torch.models.convert_llama_to_bitnet` keeps ``"silu"``).
 * ``quantize_embedding`` (default False): hold the input embedding as int8 rows × fp32 scale; with tied
   embeddings and ``quantize_lm_head`` the two share one int8 tensor.
 
@@ -109,8 +111,6 @@ class BitNetConfig(_TransformersBitNetConfig):
         quantization_config = normalize_quantization_config(kwargs.pop("quantization_config", None))
         super().__post_init__(**kwargs)
         self.quantization_config = quantization_config
-        if self.hidden_act != "relu2":
-            raise ValueError(f"BitNet b1.58 uses the squared-ReLU MLP (hidden_act='relu2'), got {self.hidden_act!r}")
 
     @property
     def is_packed(self) -> bool:

@@ -22,15 +22,27 @@ from ..quant import quantize_activation
 __all__ = ["Int8Linear", "Int8Embedding", "quantize_rows"]
 
 
+#: Rows quantized at a time, so that the fp32 temporaries of a 128k-row head stay small (~40 MB for K = 2560).
+_ROWS_PER_CHUNK = 4096
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize each row of a float ``[N, K]`` matrix to int8: returns (int8 ``[N, K]``, fp32 scales ``[N]``).
 
+    Works in chunks of rows, so the extra memory is a few fp32 chunks, not copies of the whole matrix.
     Refuses (``ValueError``) anything that is not a 2-D float tensor.
     """
     if weight.dim() != 2:
         raise ValueError(f"quantize_rows expects a 2-D [out_features, in_features] weight, got shape {tuple(weight.shape)}")
-    codes, scale = quantize_activation(weight.detach())
-    return codes, scale.reshape(-1)
+    weight = weight.detach()
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+        rows = slice(start, start + _ROWS_PER_CHUNK)
+        chunk_codes, chunk_scales = quantize_activation(weight[rows])
+        codes[rows] = chunk_codes
+        scales[rows] = chunk_scales.reshape(-1)
+    return codes, scales
 
 
 class Int8Linear(nn.Module):

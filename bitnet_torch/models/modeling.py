@@ -1,0 +1,342 @@
+"""BitNet b1.58 decoder (SPEC §4) as Transformers ``PreTrainedModel`` classes whose projections are ours.
+
+The building blocks subclass Transformers' own ``models/bitnet`` modules and inherit their ``forward``
+(attention through Transformers' attention interface — sdpa/eager/flex — with its ``Cache`` classes, RoPE,
+GQA, SubLN ``attn_sub_norm`` before ``o_proj`` and ``ffn_sub_norm`` before ``down_proj``, gated squared-ReLU
+MLP), so the numerics are Transformers' except for the seven projections per layer, which are:
+
+* :class:`~bitnet_torch.nn.BitLinear` (trainable, float master weights) when
+  ``config.quantization_config["quantization_mode"] == "online"``;
+* :class:`~bitnet_torch.nn.PackedBitLinear` (uint8 codes + ``weight_scale``, no float weight ever) when it is
+  ``"offline"``; ``linear_class`` picks the scale convention.
+
+Loading and saving (``from_pretrained`` / ``save_pretrained``) are in :mod:`.checkpoint`; this file is the
+architecture only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.bitnet import modeling_bitnet as hf_bitnet
+
+from ..nn import BitLinear, Int8Embedding, Int8Linear, PackedBitLinear, RMSNorm
+from ..packing import VALUES_PER_BYTE
+from .configuration import BitNetConfig
+
+__all__ = [
+    "BitNetAttention",
+    "BitNetDecoderLayer",
+    "BitNetForCausalLM",
+    "BitNetMLP",
+    "BitNetModel",
+    "BitNetPreTrainedModel",
+    "PROJECTION_NAMES",
+    "projection_factory",
+]
+
+#: The seven ternary projections of each decoder layer (SPEC §1), as module-name suffixes.
+PROJECTION_NAMES: tuple[str, ...] = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+LinearFactory = Callable[[int, int, bool], nn.Module]
+
+
+def projection_factory(config: BitNetConfig) -> LinearFactory:
+    """Return ``make(in_features, out_features, bias) -> module`` for the projections ``config`` describes."""
+    if config.is_packed:
+        convention = config.scale_convention
+
+        def make_packed(in_features: int, out_features: int, bias: bool) -> nn.Module:
+            return PackedBitLinear(in_features, out_features, bias=bias, scale_convention=convention)
+
+        return make_packed
+
+    def make_trainable(in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return BitLinear(in_features, out_features, bias=bias)
+
+    return make_trainable
+
+
+class BitNetAttention(hf_bitnet.BitNetAttention):
+    """Transformers' BitNet attention (forward inherited) with our projections and RMSNorm."""
+
+    def __init__(self, config: BitNetConfig, layer_idx: int, make_linear: LinearFactory):
+        nn.Module.__init__(self)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_out = config.num_attention_heads * self.head_dim
+        kv_out = config.num_key_value_heads * self.head_dim
+        self.q_proj = make_linear(config.hidden_size, q_out, config.attention_bias)
+        self.k_proj = make_linear(config.hidden_size, kv_out, config.attention_bias)
+        self.v_proj = make_linear(config.hidden_size, kv_out, config.attention_bias)
+        self.o_proj = make_linear(q_out, config.hidden_size, config.attention_bias)
+        self.attn_sub_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class BitNetMLP(hf_bitnet.BitNetMLP):
+    """Gated squared-ReLU MLP with the SubLN ``ffn_sub_norm`` before ``down_proj`` (forward inherited)."""
+
+    def __init__(self, config: BitNetConfig, make_linear: LinearFactory):
+        nn.Module.__init__(self)
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.gate_proj = make_linear(self.hidden_size, self.intermediate_size, False)
+        self.up_proj = make_linear(self.hidden_size, self.intermediate_size, False)
+        self.down_proj = make_linear(self.intermediate_size, self.hidden_size, False)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.ffn_sub_norm = RMSNorm(config.intermediate_size, eps=config.rms_norm_eps)
+
+
+class BitNetDecoderLayer(hf_bitnet.BitNetDecoderLayer):
+    """Pre-norm decoder layer: ``h += o_proj(sub_norm(attn(norm(h))))``; ``h += mlp(norm(h))`` (SPEC §4)."""
+
+    def __init__(self, config: BitNetConfig, layer_idx: int, make_linear: LinearFactory):
+        GradientCheckpointingLayer.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = BitNetAttention(config, layer_idx, make_linear)
+        self.mlp = BitNetMLP(config, make_linear)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+def _random_packed_bytes(shape: tuple[int, int], device=None) -> torch.Tensor:
+    """Random packed bytes: four independent codes uniform over {0, 1, 2} (ternary -1, 0, 1) per byte.
+
+    Draws one number in [0, 81) per byte and looks its base-3 digits up (4x fewer random draws than one per code).
+    """
+    digits = torch.arange(81)
+    table = torch.zeros(81, dtype=torch.uint8)
+    for i in range(VALUES_PER_BYTE):
+        table |= ((digits // 3**i) % 3).to(torch.uint8) << (2 * i)
+    index = torch.randint(0, 81, shape, device=device)
+    return table.to(index.device)[index]
+
+
+def _fill_random_packed(layer: PackedBitLinear, std: float) -> None:
+    """Random ternary codes (uniform over {-1, 0, 1}) with the scale a N(0, std) weight would get.
+
+    Used to create models directly in packed form (benchmarks, tests) without any float weight.
+    """
+    mean_abs = std * math.sqrt(2.0 / math.pi)  # E|w| for w ~ N(0, std)
+    scale = mean_abs if layer.scale_convention == "multiply" else 1.0 / mean_abs
+    with torch.no_grad():
+        layer.weight.copy_(_random_packed_bytes(tuple(layer.weight.shape), layer.weight.device))
+        layer.weight_scale.fill_(scale)
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+class BitNetPreTrainedModel(hf_bitnet.BitNetPreTrainedModel):
+    """Base class: our config class and the initialisation of packed / int8 layers."""
+
+    config_class = BitNetConfig
+    config: BitNetConfig
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PackedBitLinear):
+            if not getattr(module.weight, "_is_hf_initialized", False) and module.weight.device.type != "meta":
+                _fill_random_packed(module, self.config.initializer_range or 0.02)
+            if module.rms_norm is not None:
+                super()._init_weights(module.rms_norm)
+            return
+        if isinstance(module, (Int8Linear, Int8Embedding)):
+            return
+        super()._init_weights(module)
+
+    def _base_model(self) -> "BitNetModel":
+        """The decoder stack (``self`` for :class:`BitNetModel`, ``self.model`` for the causal LM)."""
+        return self if isinstance(self, BitNetModel) else self.model
+
+    # -- construction ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: BitNetConfig, *, packed: bool | None = None, **kwargs) -> "BitNetForCausalLM":
+        """Build a randomly initialised model; ``packed`` overrides the form the config describes.
+
+        ``packed=True`` creates packed layers directly (random ternary codes, no float projection weight is
+        ever allocated — e.g. the 2B-4T shape in ~0.5 GB). ``kwargs`` go to ``_from_config`` (``dtype=``).
+        """
+        config = copy.deepcopy(config)
+        if not isinstance(config, BitNetConfig):
+            config = BitNetConfig.from_dict(config.to_dict())
+        if packed is not None and packed != config.is_packed:
+            config.set_weight_form(packed)
+        return cls._from_config(config, **kwargs)
+
+    @classmethod
+    def from_gguf(cls, path, **from_pretrained_kwargs):
+        """Load a BitNet GGUF file (``i2_s``, ``tq2_0``, ``tq1_0`` or ``f16``) into a packed model.
+
+        The ternary weights come back bit-exactly; see :func:`bitnet_torch.export.gguf.model_from_gguf`.
+        """
+        from ..export.gguf import model_from_gguf  # export sits above models; imported only when asked
+
+        return model_from_gguf(path, **from_pretrained_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, packed: bool | None = None, **kwargs):
+        """Load a BitNet checkpoint (local folder or hub id) through Transformers' ``from_pretrained``.
+
+        * packed checkpoint (``quantization_mode: offline``; ``linear_class`` ``autobitlinear`` = multiply or
+          ``bitlinear`` = divide) → packed layers, read from the memory-mapped file with no float copy;
+        * master checkpoint (``online``) → trainable BitLinear, or with ``packed=True`` quantized and packed
+          one tensor at a time while loading (the float model never exists as a whole).
+
+        Every other ``from_pretrained`` keyword works as in Transformers (``dtype``, ``attn_implementation``,
+        ``revision``, …), and config fields can be overridden (``quantize_lm_head=True``).
+        Refuses, with :class:`~bitnet_torch.models.BitNetCheckpointError`: a config that is not
+        ``model_type: bitnet`` or not ``quant_method: bitnet``, pickle-only weights, truncated/corrupt
+        safetensors, tensors whose dtype/shape disagree with the config, missing tensors, and ``packed=False``
+        on a packed checkpoint. ``use_safetensors=False`` and ``quantization_config=`` are refused.
+        """
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, packed=packed, **kwargs)
+
+    # -- saving ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, packed: bool | None = None, **kwargs) -> None:
+        """Save config, generation config and weights (safetensors) in a form Transformers reads.
+
+        ``packed=True``: Microsoft's packed layout (uint8 ``[N/4, K]`` + ``weight_scale``, multiply convention)
+        with ``quantization_config {bitnet, autobitlinear, offline}`` — trainable models are quantized and
+        packed on the way. ``packed=False``: float master weights with ``{bitnet, autobitlinear, online}``
+        (refused for a packed model: its master weights are gone). ``None`` (default): the form the model
+        holds. int8 head/embedding are written as float. Other keywords go to Transformers' ``save_pretrained``.
+        """
+        from .checkpoint import save_pretrained
+
+        if args:
+            raise TypeError("save_pretrained takes only the directory positionally; pass other options by keyword")
+        save_pretrained(self, save_directory, packed=packed, **kwargs)
+
+    # -- forms of the weights --------------------------------------------------------------------------
+
+    @property
+    def is_packed(self) -> bool:
+        """True when the projections are packed ternary codes (inference only)."""
+        return self.config.is_packed
+
+    def pack(self) -> "BitNetForCausalLM":
+        """Quantize and pack every BitLinear projection in place (one layer at a time); returns ``self``."""
+        base = self._base_model()
+        for name, module in base.projections():
+            if isinstance(module, BitLinear):
+                base.set_submodule(name, PackedBitLinear.from_bitlinear(module))
+        self.config.set_weight_form(packed=True)
+        return self
+
+    def _apply_int8_options(self) -> None:
+        """Make the embedding int8 when ``config.quantize_embedding`` says so (the causal LM also does the head)."""
+        base = self._base_model()
+        if self.config.quantize_embedding and not isinstance(base.embed_tokens, Int8Embedding):
+            base.embed_tokens = Int8Embedding.from_embedding(base.embed_tokens)
+
+
+class BitNetModel(BitNetPreTrainedModel, hf_bitnet.BitNetModel):
+    """The decoder stack (embeddings → layers → final norm); ``forward`` is Transformers' ``BitNetModel.forward``."""
+
+    def __init__(self, config: BitNetConfig, _quantization_config: dict | None = None):
+        if _quantization_config is not None:  # set by from_pretrained, see BitNetForCausalLM.__init__
+            config.quantization_config = dict(_quantization_config)
+        BitNetPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        make_linear = projection_factory(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [BitNetDecoderLayer(config, layer_idx, make_linear) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = hf_bitnet.BitNetRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+        if self.embed_tokens.weight.device.type != "meta":
+            self._apply_int8_options()
+
+    def projections(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every ternary projection, in layer order (names relative to this module)."""
+        return [
+            (f"layers.{i}.{suffix}", layer.get_submodule(suffix))
+            for i, layer in enumerate(self.layers)
+            for suffix in PROJECTION_NAMES
+        ]
+
+
+class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM):
+    """BitNet b1.58 causal LM: a Transformers ``PreTrainedModel`` + ``GenerationMixin`` with our projections.
+
+    Construction:
+
+    * ``BitNetForCausalLM(config)`` — projections as ``config.quantization_config`` says (online → trainable
+      :class:`~bitnet_torch.nn.BitLinear`, offline → :class:`~bitnet_torch.nn.PackedBitLinear`), randomly
+      initialised (packed layers get random ternary codes, never a float weight);
+    * :meth:`from_config` ``(config, packed=True|False)`` — the same with the form chosen explicitly;
+    * :meth:`from_pretrained` ``(path_or_hub_id, packed=None|True|False)`` — see there.
+
+    ``forward`` / ``generate`` are Transformers' (KV cache, sdpa/eager attention, left padding, sampling).
+    :meth:`save_pretrained` ``(path, packed=None|True|False)`` writes the packed (Microsoft layout) or the
+    master form. :meth:`pack` turns a trainable model into a packed one in place. ``config.quantize_lm_head``
+    / ``config.quantize_embedding`` (or :meth:`quantize_output_layers`) switch the head / embedding to int8.
+    """
+
+    def __init__(self, config: BitNetConfig, _quantization_config: dict | None = None):
+        # ``_quantization_config`` is passed by ``from_pretrained`` only: during that call the config carries
+        # ``quantization_config=None`` so that Transformers builds no quantizer (see ``checkpoint.py``).
+        if _quantization_config is not None:
+            config.quantization_config = dict(_quantization_config)
+        BitNetPreTrainedModel.__init__(self, config)
+        self.model = BitNetModel(config)
+        self.vocab_size = config.vocab_size
+        # A tied head gets the embedding's Parameter in post_init(): do not allocate a matrix only to drop it.
+        head_device = "meta" if config.tie_word_embeddings else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=head_device)
+        self.post_init()
+        if self.model.embed_tokens.weight.device.type != "meta":
+            self._apply_int8_options()
+
+    def quantize_output_layers(self, lm_head: bool = True, embedding: bool = False) -> "BitNetForCausalLM":
+        """Switch the output head (and optionally the input embedding) to int8 per row; returns ``self``.
+
+        With tied embeddings and both switched, the head and the embedding share one int8 tensor. Inference
+        only (the int8 tensors get no gradient); :meth:`save_pretrained` writes them back as float.
+        """
+        self.config.quantize_lm_head = lm_head
+        self.config.quantize_embedding = embedding
+        self._apply_int8_options()
+        return self
+
+    def _apply_int8_options(self) -> None:
+        """Make the head / embedding int8 as ``config.quantize_lm_head`` / ``quantize_embedding`` say."""
+        head, embed = self.config.quantize_lm_head, self.config.quantize_embedding
+        if not (head or embed):
+            return
+        if head and not isinstance(self.lm_head, Int8Linear):
+            self.lm_head = Int8Linear.from_linear(self.lm_head)
+        if embed and not isinstance(self.model.embed_tokens, Int8Embedding):
+            tied = self.config.tie_word_embeddings and isinstance(self.lm_head, Int8Linear)
+            self.model.embed_tokens = Int8Embedding.from_embedding(
+                self.model.embed_tokens, shared=self.lm_head if tied else None
+            )
+        # The int8 modules hold buffers, not the tied float Parameter: Transformers must not re-tie them.
+        self.all_tied_weights_keys = {}
