@@ -101,3 +101,30 @@ def test_matches_transformers_bitlinear_divide_convention():
             module.weight_scale.copy_(1.0 / source.weight_scale)
     x = torch.randn(3, 64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradient_flows_through_a_frozen_packed_layer_like_bitlinear(bias):
+    """LoRA on a packed base: dL/dx through the packed layer is the STE gradient dy @ (W_t * scale)."""
+    layer = BitLinear(48, 16, bias=bias)
+    packed = layer.pack(scale_dtype=torch.float32)
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    grad_out = torch.randn(2, 5, 16)
+    (packed(x) * grad_out).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (layer(x_ref) * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    assert packed.weight.grad is None
+
+
+def test_gradient_flows_through_int8_linear():
+    from bitnet_torch import ops
+
+    w = torch.randint(-127, 128, (12, 32), dtype=torch.int8)
+    scale = torch.rand(12) * 0.01
+    bias = torch.randn(12, requires_grad=True)
+    x = torch.randn(3, 32, requires_grad=True)
+    grad_out = torch.randn(3, 12)
+    (ops.int8_linear(x, w, scale, bias) * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, grad_out @ (w.float() * scale[:, None]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias.grad, grad_out.sum(0))

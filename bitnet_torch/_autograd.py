@@ -1,0 +1,56 @@
+"""Autograd formulas of the inference ops, so gradients flow *through* a frozen packed/int8 layer.
+
+LoRA on a packed base needs ``dL/dx`` of every packed projection (the adapters of earlier layers learn
+through it), although the packed weight itself is frozen. The formulas are the straight-through
+estimator of SPEC §2: activation quantization passes the gradient unchanged, so
+
+* ``ternary_linear``: ``dx = dy @ (W_t * mean|W|)``, ``dbias = Σ dy``;
+* ``int8_linear``:    ``dx = dy @ (W_q * scale[:, None])``, ``dbias = Σ dy``.
+
+The packed weight, its scales and the int8 weight get no gradient (they are integer or frozen state).
+The dequantized weight exists only inside backward, one layer at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .packing import unpack_ternary
+
+__all__ = ["register_autograd_formulas"]
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, weight_scale, bias = inputs
+    ctx.save_for_backward(weight, weight_scale)
+    ctx.x_shape = x.shape
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _input_and_bias_grads(ctx: Any, grad: torch.Tensor, dequantized: torch.Tensor):
+    n = dequantized.shape[0]
+    g = grad.reshape(-1, n).float()
+    grad_x = (g @ dequantized).to(ctx.x_dtype).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+    grad_bias = g.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
+    return grad_x, None, None, grad_bias
+
+
+def _ternary_linear_backward(ctx: Any, grad: torch.Tensor):
+    packed, weight_scale = ctx.saved_tensors
+    dequantized = unpack_ternary(packed, validate=False).float() * weight_scale.float().reshape(())
+    return _input_and_bias_grads(ctx, grad, dequantized)
+
+
+def _int8_linear_backward(ctx: Any, grad: torch.Tensor):
+    weight, weight_scale = ctx.saved_tensors
+    dequantized = weight.float() * weight_scale.float().reshape(-1, 1)
+    return _input_and_bias_grads(ctx, grad, dequantized)
+
+
+def register_autograd_formulas() -> None:
+    """Attach the straight-through backward formulas to ``bitnet::ternary_linear`` and ``bitnet::int8_linear``."""
+    torch.library.register_autograd("bitnet::ternary_linear", _ternary_linear_backward, setup_context=_setup_context)
+    torch.library.register_autograd("bitnet::int8_linear", _int8_linear_backward, setup_context=_setup_context)
