@@ -21,6 +21,7 @@ __all__ = [
     "ternary_linear",
     "quantize_pack_weight",
     "int8_linear",
+    "float_linear",
 ]
 
 
@@ -94,3 +95,23 @@ def int8_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed in fp32 (the float ``lm_head``); returns ``[..., N]`` in ``x.dtype``.
+
+    ``x`` is fp32/bf16/fp16 ``[..., K]``, ``weight`` bf16 or fp32 ``[N, K]``, ``bias`` ``[N]`` or None. Refuses
+    (``TypeError`` / ``ValueError``) other dtypes and mismatched shapes, with the messages of the C++ kernel.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"bitnet::float_linear: x must be a floating-point tensor (float32, bfloat16 or float16), got dtype {x.dtype}")
+    if weight.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"bitnet::float_linear: weight must be bfloat16 or float32, got dtype {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"bitnet::float_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"bitnet::float_linear: K of x and weight differ (x has shape {tuple(x.shape)}, weight {tuple(weight.shape)})")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bitnet::float_linear: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)

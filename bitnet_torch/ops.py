@@ -15,6 +15,10 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
 ``int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor``
     float ``[..., K]`` × int8 ``[N, K]`` with fp32 per-row scales ``[N]`` → ``[..., N]`` in ``x.dtype``
     (the int8 ``lm_head``): ``float(acc) * (x_scale * weight_scale[n]) + bias``.
+``float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor``
+    float ``[..., K]`` × bf16/fp32 ``[N, K]`` → ``F.linear`` with fp32 accumulation, ``[..., N]`` in ``x.dtype``
+    (the float ``lm_head``; the CPU kernel streams the weight at memory bandwidth for decode, M <= 8 tokens).
+    CPU only: CUDA tensors use the reference (registered below), which is ``F.linear`` in fp32.
 
 The schemas are declared in C++ (``csrc/ops.cpp``) when the extension is available; otherwise this
 module declares the same schemas from Python and registers the reference implementation, after logging
@@ -29,6 +33,7 @@ import warnings
 import torch
 
 from . import _reference_ops
+from ._autograd import register_autograd_formulas
 
 __all__ = [
     "OP_SCHEMAS",
@@ -37,6 +42,7 @@ __all__ = [
     "ternary_linear",
     "quantize_pack_weight",
     "int8_linear",
+    "float_linear",
     "extension_loaded",
     "extension_error",
 ]
@@ -50,11 +56,18 @@ OP_SCHEMAS: dict[str, str] = {
     "ternary_linear": "ternary_linear(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor",
     "quantize_pack_weight": "quantize_pack_weight(Tensor w) -> (Tensor, Tensor)",
     "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
+    "float_linear": "float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
 }
+
+#: Ops that no backend implements for CUDA by design: the reference registered for CUDA tensors is their
+#: intended CUDA implementation, so it does not mean "the compiled CUDA kernels are missing".
+_REFERENCE_ON_CUDA = frozenset({"float_linear"})
 
 _extension_error: str | None = None
 _fallback_library: torch.library.Library | None = None
 _cuda_reference_library: torch.library.Library | None = None
+#: Keeps alive the CUDA registrations of the reference for the ops in ``_REFERENCE_ON_CUDA``.
+_reference_only_cuda_library: list[torch.library.Library] = []
 
 
 def _load_extension() -> str | None:
@@ -89,7 +102,10 @@ def _register_reference_for_missing_cuda() -> None:
     lib = torch.library.Library("bitnet", "IMPL")
     for name in missing:
         lib.impl(name, getattr(_reference_ops, name), "CUDA")
-    _cuda_reference_library = lib
+    if set(missing) - _REFERENCE_ON_CUDA:
+        _cuda_reference_library = lib
+    else:
+        _reference_only_cuda_library.append(lib)
     logger.info("bitnet_torch: no compiled CUDA kernels for %s; CUDA tensors use the reference", ", ".join(missing))
 
 
@@ -122,6 +138,12 @@ def _register_fakes() -> None:
         torch._check(x.shape[-1] == weight.shape[1], lambda: "int8_linear: K of x and weight differ")
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
+    @torch.library.register_fake("bitnet::float_linear")
+    def _(x, weight, bias):
+        torch._check(weight.dim() == 2, lambda: "float_linear: weight must be 2-D [N, K]")
+        torch._check(x.shape[-1] == weight.shape[1], lambda: "float_linear: K of x and weight differ")
+        return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
 
 def _initialise() -> None:
     global _extension_error
@@ -136,6 +158,7 @@ def _initialise() -> None:
     else:
         _register_reference_for_missing_cuda()
     _register_fakes()
+    register_autograd_formulas()
 
 
 def extension_loaded() -> bool:
@@ -183,3 +206,8 @@ def int8_linear(
 ) -> torch.Tensor:
     """int8-weight (per-row fp32 scale) × per-token int8-activation linear; output in ``x.dtype``."""
     return torch.ops.bitnet.int8_linear(x, weight, weight_scale, bias)
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with fp32 accumulation for a bf16/fp32 weight; output in ``x.dtype`` (no autograd formula)."""
+    return torch.ops.bitnet.float_linear(x, weight, bias)

@@ -1,10 +1,12 @@
 // The bitnet operator schemas: one TORCH_LIBRARY block, nothing else.
 //
-// The five contract ops must match bitnet_torch/ops.py OP_SCHEMAS exactly (tests/test_ops_cpu.py checks it);
+// The contract ops must match bitnet_torch/ops.py OP_SCHEMAS exactly (tests/test_ops_cpu.py checks it);
 // their numbers are defined by bitnet_torch/_reference_ops.py. Backends register implementations with
 // TORCH_LIBRARY_IMPL(bitnet, CPU / CUDA, m). The two underscore ops are utilities of the CPU backend:
 // _cpu_isa(request) selects the instruction set ("" reports it, "auto" picks the fastest, else "scalar",
 // "avx2", "avx512" or "amx") and returns the active one; _cpu_isa_available() lists what this CPU supports.
+// float_linear (the float lm_head, csrc/cpu/ops_cpu_float.cpp) has its own path selector with the same
+// conventions: _float_gemv_isa(request) ("scalar", "avx2", "avx512", "avx512_bf16") / _float_gemv_isa_available().
 #include <torch/library.h>
 
 TORCH_LIBRARY(bitnet, m) {
@@ -13,6 +15,9 @@ TORCH_LIBRARY(bitnet, m) {
   m.def("ternary_linear(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("quantize_pack_weight(Tensor w) -> (Tensor, Tensor)");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
+  m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("_cpu_isa(str request) -> str");
   m.def("_cpu_isa_available() -> str[]");
+  m.def("_float_gemv_isa(str request) -> str");
+  m.def("_float_gemv_isa_available() -> str[]");
 }

@@ -315,6 +315,7 @@ def _opcheck_cases():
         "ternary_linear": (x, packed, torch.tensor([0.3]), torch.randn(8)),
         "quantize_pack_weight": (torch.randn(8, 40),),
         "int8_linear": (x, torch.randint(-128, 128, (6, 40), dtype=torch.int8), torch.rand(6), None),
+        "float_linear": (x, torch.randn(6, 40, dtype=torch.bfloat16), torch.randn(6)),
     }
 
 
@@ -429,3 +430,19 @@ def test_isa_environment_variable_selects_the_path(value, expected, warns):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == (expected or _backend.available_cpu_isas()[-1])
     assert ("BITNET_TORCH_CPU_ISA=sse9 is not one of" in result.stderr) == warns, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_ternary_matmul_is_exact_at_the_largest_k_on_adversarial_data(isa, m):
+    """K = 2^17 - 1 with every activation -128 and every weight +1: the largest sums the kernels must hold."""
+    k = (1 << 17) - 1
+    x_q = torch.full((m, k), -128, dtype=torch.int8)
+    packed = bitnet_torch.pack_ternary(torch.ones(8, k, dtype=torch.int8))
+    expected = torch.full((m, 8), -128 * k, dtype=torch.int32)
+    assert_same(ops.ternary_matmul(x_q, packed), expected, f"{isa}: K = 2^17 - 1, adversarial")
+
+
+def test_ternary_ops_refuse_k_beyond_the_exact_range():
+    k = 1 << 17
+    with pytest.raises(ValueError, match="exceeds the supported maximum"):
+        ops.ternary_matmul(torch.zeros(1, k, dtype=torch.int8), torch.zeros(1, k, dtype=torch.uint8))

@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bitnet import modeling_bitnet as hf_bitnet
 
-from ..nn import BitLinear, Int8Embedding, Int8Linear, PackedBitLinear, RMSNorm
+from ..nn import BitLinear, FastLinear, Int8Embedding, Int8Linear, PackedBitLinear, RMSNorm
 from ..packing import VALUES_PER_BYTE
 from .configuration import BitNetConfig
 
@@ -310,7 +310,8 @@ class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM):
         self.vocab_size = config.vocab_size
         # A tied head gets the embedding's Parameter in post_init(): do not allocate a matrix only to drop it.
         head_device = "meta" if config.tie_word_embeddings else None
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=head_device)
+        # FastLinear: an nn.Linear (same key lm_head.weight) whose CPU decode streams the weight at memory bandwidth.
+        self.lm_head = FastLinear(config.hidden_size, config.vocab_size, bias=False, device=head_device)
         self.post_init()
         if self.model.embed_tokens.weight.device.type != "meta":
             self._apply_int8_options()

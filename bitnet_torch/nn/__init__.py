@@ -2,6 +2,7 @@
 
 from .bitlinear import BitLinear, BitLinearFunction
 from .convert import convert_to_bitnet, pack_model, set_lambda
+from .float_head import FastLinear
 from .int8_linear import Int8Embedding, Int8Linear
 from .packed import LINEAR_CLASS_TO_CONVENTION, PackedBitLinear
 from .rmsnorm import RMSNorm
@@ -9,6 +10,7 @@ from .rmsnorm import RMSNorm
 __all__ = [
     "BitLinear",
     "BitLinearFunction",
+    "FastLinear",
     "Int8Embedding",
     "Int8Linear",
     "PackedBitLinear",

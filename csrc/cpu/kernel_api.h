@@ -77,8 +77,9 @@ const KernelTable* avx2_kernels();    //!< null when the library was built witho
 const KernelTable* avx512_kernels();  //!< null when the library was built without x86 SIMD support
 const KernelTable* amx_kernels();     //!< AVX-512 table whose prefill runs on AMX-INT8 tiles; null likewise
 
-//! Largest K the ternary kernels accept (their scaled int32 lanes stay exact below it).
-constexpr int64_t kMaxTernaryK = int64_t(1) << 20;
+//! Bound on K for the ternary kernels: the AVX-512 / AMX paths accumulate slot 3 as 64 * sum(code * x),
+//! and |sum| <= 2 * 128 * K must stay below 2^25 for that to fit an int32 lane, so K < 2^17.
+constexpr int64_t kMaxTernaryK = int64_t(1) << 17;
 //! Number of packed rows (16 output rows each x 4 slots) one prefill tile covers; callers split P on it.
 constexpr int64_t kTernaryTileP = 16;
 //! Number of tokens below which the ternary / int8 kernels use their streaming (GEMV) path.

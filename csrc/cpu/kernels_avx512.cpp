@@ -9,11 +9,14 @@
 //   * a packed byte b holds the codes (w + 1) of four output rows in bit pairs. Instead of shifting, each
 //     slot is isolated with a mask, (b & (3 << 2i)) = code_i << 2i, which is still an unsigned byte (<= 192),
 //     and fed to vpdpbusd as the unsigned operand against the signed int8 activations. The accumulator of
-//     slot i is then 4^i * sum_k code_i * x_k exactly (int32 lanes wrap modulo 2^32, and |sum| < 2^29 for
-//     K <= kMaxTernaryK), so an arithmetic shift right by 2i recovers the sum; subtracting sum_k x_k turns
+//     slot i is then 4^i * sum_k code_i * x_k exactly (|4^i * sum| <= 64 * 256 * K < 2^31 for
+//     K < kMaxTernaryK = 2^17), so an arithmetic shift right by 2i recovers the sum; subtracting sum_k x_k turns
 //     codes back into ternary values.
-//   * decode (M <= 8): every packed row is streamed once from memory per group of up to four tokens (each
-//     further group re-reads it from L1); up to four packed rows at a time keep 16 vpdpbusd chains in flight.
+//   * decode (M <= 8): the packed rows are walked in chunks of kTernaryTileP rows; a chunk is streamed from
+//     memory once (with a software prefetch kDecodePrefetchBytes ahead: the hardware prefetchers alone leave
+//     the stream at ~60% of the memory bandwidth) and every further group of up to four tokens re-reads it
+//     from L1 / L2. Up to four packed rows at a time keep 16 vpdpbusd chains in flight; the slot sums of a
+//     chunk are reduced once per row and written 16 output columns at a time through the vector epilogue.
 //   * prefill: a tile of 16 packed rows (64 output rows, 4 slots x 16) is transposed once into a scratch
 //     buffer of dwords [K/4][16] (gather), then reused for every token: per 4 columns the micro-kernel
 //     loads one zmm, derives the 4 slot vectors and runs 4 vpdpbusd per token against a broadcast dword of
@@ -194,26 +197,31 @@ inline __m128i reduce4(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
   }
 #define BN_DECODE_STORE(q)                                                                  \
   if constexpr (q < MT * PR) {                                                              \
-    alignas(16) int32_t s[4];                                                               \
     const __m128i sums = _mm_srav_epi32(reduce4(acc##q##_0, acc##q##_1, acc##q##_2, acc##q##_3), shifts); \
-    _mm_store_si128(reinterpret_cast<__m128i*>(s), sums);                                   \
-    const int64_t m = m0 + q % MT, row = p + q / MT;                                        \
-    for (int i = 0; i < 4; ++i) store_output(out, m, i * P + row, s[i] - x_sum[m]);         \
+    _mm_store_si128(reinterpret_cast<__m128i*>(slot_sums + (q % MT) * 4 * kTernaryTileP + (q / MT) * 4), sums); \
   }
 
+//! Software prefetch distance of the decode stream, in bytes ahead of the current position (the PR rows of a
+//! step are contiguous, so the stream advances PR * 64 bytes per step). Into L2: a load of each line follows
+//! within a few microseconds, and the L2 streamer alone does not keep enough misses in flight.
+constexpr int64_t kDecodePrefetchBytes = 8192;
+
 //! Decode: MT tokens (rows m0..m0+MT-1) x PR packed rows at a time (MT * PR <= 4 pairs, 16 accumulators),
-//! streaming each packed row once.
+//! streaming each packed row once. Stores the slot sums sum_k code_i[p + r, k] * x_q[m0 + t, k] (before the
+//! x_sum correction) at slot_sums[(t * kTernaryTileP + r) * 4 + i].
 template <int MT, int PR>
-inline void ternary_decode_rows(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0,
-                                const uint8_t* packed, int64_t P, int64_t p, const OutputSpec& out) {
+inline void ternary_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const uint8_t* packed,
+                                int64_t p, int32_t* slot_sums) {
   static_assert(MT * PR <= 4, "at most 4 (row, token) pairs");
   const __m512i m0x03 = _mm512_set1_epi8(0x03), m0x0c = _mm512_set1_epi8(0x0C), m0x30 = _mm512_set1_epi8(0x30),
                 m0xc0 = _mm512_set1_epi8(char(0xC0)), zero = _mm512_setzero_si512();
   const __m128i shifts = _mm_setr_epi32(0, 2, 4, 6);
   BN_DECL_ACC(0) BN_DECL_ACC(1) BN_DECL_ACC(2) BN_DECL_ACC(3)
   const uint8_t* row = packed + p * K;
+  const char* ahead = reinterpret_cast<const char*>(row) + kDecodePrefetchBytes;
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = tail_mask64(K - k);
+    for (int j = 0; j < PR; ++j) _mm_prefetch(ahead + k * PR + 64 * j, _MM_HINT_T1);
     const __m512i xv0 = _mm512_maskz_loadu_epi8(mask, x_q + m0 * lda + k);
     const __m512i xv1 = MT > 1 ? _mm512_maskz_loadu_epi8(mask, x_q + (m0 + 1) * lda + k) : zero;
     const __m512i xv2 = MT > 2 ? _mm512_maskz_loadu_epi8(mask, x_q + (m0 + 2) * lda + k) : zero;
@@ -230,13 +238,27 @@ inline void ternary_decode_rows(const int8_t* x_q, int64_t lda, const int32_t* x
 #undef BN_DECODE_STEP
 #undef BN_DECODE_STORE
 
+//! Decode of MT tokens against the np <= kTernaryTileP packed rows [pc, pc + np): the slot sums of the whole
+//! chunk are collected first, then written 16 output columns at a time through the vector epilogue.
 template <int MT>
-void ternary_decode(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0,
-                    const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
+void ternary_decode_chunk(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0,
+                          const uint8_t* packed, int64_t P, int64_t pc, int64_t np, const OutputSpec& out) {
   constexpr int PR = MT == 1 ? 4 : MT == 2 ? 2 : 1;
-  int64_t p = p0;
-  for (; p + PR <= p1; p += PR) ternary_decode_rows<MT, PR>(x_q, lda, x_sum, K, m0, packed, P, p, out);
-  for (; p < p1; ++p) ternary_decode_rows<MT, 1>(x_q, lda, x_sum, K, m0, packed, P, p, out);
+  alignas(64) int32_t slot_sums[MT * 4 * kTernaryTileP];
+  int64_t r = 0;
+  for (; r + PR <= np; r += PR) ternary_decode_rows<MT, PR>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4);
+  for (; r < np; ++r) ternary_decode_rows<MT, 1>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4);
+  const __mmask16 mask = tail_mask16(np);
+  const __m512i rows = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
+  for (int t = 0; t < MT; ++t) {
+    const __m512i corr = _mm512_set1_epi32(x_sum[m0 + t]);
+    const int32_t* sums = slot_sums + t * 4 * kTernaryTileP;
+    for (int i = 0; i < 4; ++i) {
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask,
+                                                    _mm512_add_epi32(rows, _mm512_set1_epi32(i)), sums, 4);
+      store16(out, m0 + t, i * P + pc, _mm512_sub_epi32(v, corr), mask);
+    }
+  }
 }
 
 #define BN_ROW_ACC(r) __m512i acc##r##_0 = zero, acc##r##_1 = zero, acc##r##_2 = zero, acc##r##_3 = zero;
@@ -329,13 +351,18 @@ struct AlignedBuffer {
 void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0, int64_t m1,
                   const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
   if (m1 - m0 <= kDecodeMaxRows) {
-    int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) ternary_decode<4>(x_q, lda, x_sum, K, m, packed, P, p0, p1, out);
-    switch (m1 - m) {
-      case 3: ternary_decode<3>(x_q, lda, x_sum, K, m, packed, P, p0, p1, out); break;
-      case 2: ternary_decode<2>(x_q, lda, x_sum, K, m, packed, P, p0, p1, out); break;
-      case 1: ternary_decode<1>(x_q, lda, x_sum, K, m, packed, P, p0, p1, out); break;
-      default: break;
+    // Chunks of packed rows outside, token groups inside: a chunk (kTernaryTileP * K bytes) is streamed from
+    // memory once, and every further group of up to four tokens re-reads it from L1 / L2.
+    for (int64_t pc = p0; pc < p1; pc += kTernaryTileP) {
+      const int64_t np = std::min<int64_t>(kTernaryTileP, p1 - pc);
+      int64_t m = m0;
+      for (; m + 4 <= m1; m += 4) ternary_decode_chunk<4>(x_q, lda, x_sum, K, m, packed, P, pc, np, out);
+      switch (m1 - m) {
+        case 3: ternary_decode_chunk<3>(x_q, lda, x_sum, K, m, packed, P, pc, np, out); break;
+        case 2: ternary_decode_chunk<2>(x_q, lda, x_sum, K, m, packed, P, pc, np, out); break;
+        case 1: ternary_decode_chunk<1>(x_q, lda, x_sum, K, m, packed, P, pc, np, out); break;
+        default: break;
+      }
     }
     return;
   }
