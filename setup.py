@@ -65,6 +65,7 @@ def _extensions_and_commands():
         sources=sources,
         include_dirs=[str(CSRC), str(CSRC / "cpu")],
         extra_compile_args={"cxx": list(settings.CXX_FLAGS), "nvcc": list(settings.CUDA_FLAGS)},
+        extra_link_args=list(settings.LD_FLAGS),
     )
     commands["build_ext"] = BuildExtension
     return [extension], commands

@@ -33,6 +33,7 @@ __all__ = [
     "WITH_CUDA_ENV",
     "BUILD_DIR_ENV",
     "CXX_FLAGS",
+    "LD_FLAGS",
     "CUDA_FLAGS",
     "source_dir",
     "extension_sources",
@@ -53,7 +54,10 @@ BUILD_DIR_ENV = "BITNET_TORCH_BUILD_DIR"
 
 #: Host compiler flags. No -march: the SIMD files select their ISA with target pragmas and are dispatched at
 #: run time. -ffp-contract=off keeps the epilogue's multiply and add unfused (bit-exact with the reference).
-CXX_FLAGS: list[str] = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+#: -fopenmp: at::parallel_for is a header template; without OpenMP in *our* translation units it runs serially.
+CXX_FLAGS: list[str] = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+#: Linker flags (libgomp, the OpenMP runtime PyTorch's CPU build uses as well).
+LD_FLAGS: list[str] = ["-fopenmp"]
 #: nvcc flags; --fmad=false for the same reason as -ffp-contract=off.
 CUDA_FLAGS: list[str] = ["-O3", "--fmad=false", "-lineinfo"]
 
@@ -108,7 +112,7 @@ def _build_name(root: Path, sources: list[Path], with_cuda: bool) -> str:
     for path in sorted(set(sources) | set(_headers(root, with_cuda))):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
-    for item in (*CXX_FLAGS, *CUDA_FLAGS, torch.__version__, sys.version, str(with_cuda)):
+    for item in (*CXX_FLAGS, *LD_FLAGS, *CUDA_FLAGS, torch.__version__, sys.version, str(with_cuda)):
         digest.update(item.encode())
     return f"bitnet_torch_ext_{'cuda' if with_cuda else 'cpu'}_{digest.hexdigest()[:16]}"
 
@@ -234,7 +238,7 @@ def build_extension(
                 _call_with_known_kwargs(
                     cpp_extension._write_ninja_file_to_build_library,
                     path=str(directory / "build.ninja"),
-                    extra_ldflags=[],
+                    extra_ldflags=list(LD_FLAGS),
                     **common,
                 )
                 _run_ninja_objects(directory, verbose)
@@ -242,7 +246,7 @@ def build_extension(
                 _call_with_known_kwargs(
                     cpp_extension._write_ninja_file_and_build_library,
                     build_directory=str(directory),
-                    extra_ldflags=[],
+                    extra_ldflags=list(LD_FLAGS),
                     **common,
                 )
         if not compile_only and not library.exists():
