@@ -5,6 +5,8 @@ Variants (each measured in its own subprocess, one model per process, so RSS is 
 * ``ours``            — bitnet_torch ``BitNetForCausalLM`` created directly packed (random ternary codes, no float
                         projection ever allocated), bf16 embedding/head (logits as Transformers');
 * ``ours_int8head``   — the same with the int8 per-row head, sharing its int8 tensor with the embedding;
+* ``ours_compiled``   — ``ours_int8head`` decoding as ``generate(**compiled_decode_kwargs(...))`` does: static KV
+                        cache, ``torch.compile``'d decode step (compile time reported separately);
 * ``ours_loaded``     — ours loaded from the packed checkpoint (``from_pretrained``, memory-mapped);
 * ``hf_autobitlinear``— Transformers' own ``BitNetForCausalLM`` on the same packed checkpoint
                         (``autobitlinear``/offline: unpacks to bf16 at load, holds float ternary weights);
@@ -17,10 +19,11 @@ Prefill = one forward over a 128-token prompt with ``logits_to_keep=1`` (what ``
 decode = one forward per token with the KV cache, median over the timed steps.
 
 Shapes: ``100m`` (12 layers, hidden 768) and ``2b4t`` (SPEC §4). Weights are random (timing does not
-depend on them). Memory bandwidth is measured in the same process right before the timed loops (multi-threaded read of
-a 256 MiB tensor, best of 7) and each decode time is compared with ``weight bytes read per token /
-bandwidth`` (the physical limit). Resident memory is read from /proc/self/status after the model is built,
-before that measurement.
+depend on them). Memory bandwidth is measured in the same process before each block of timed decode steps
+(multi-threaded read of a 256 MiB tensor, best of 3) and each block's median step time is compared with
+``weight bytes read per token / bandwidth`` (the physical limit); the reported ratio is the median over the
+blocks (the bandwidth of a shared machine drifts). Resident memory is read from /proc/self/status after the
+model is built (and again after decoding: KV cache, compiled code).
 Unless ``--no-int8-head-effect``, a tiny BitNet model is trained on the KJV corpus (a few minutes) and the
 change of validation perplexity / logits from the int8 head (alone, and sharing the embedding) is reported.
 
@@ -43,7 +46,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ("ours", "ours_int8head", "ours_loaded", "hf_autobitlinear", "hf_bitlinear", "llama_bf16", "llama_fp32")
+VARIANTS = ("ours", "ours_int8head", "ours_compiled", "ours_loaded", "hf_autobitlinear", "hf_bitlinear", "llama_bf16", "llama_fp32")
 SHAPES = ("100m", "2b4t")
 PROMPT_LEN = 128
 
@@ -99,9 +102,9 @@ def _build(variant: str, shape: str, checkpoint: str):
     from bitnet_torch.models import BitNetForCausalLM
 
     config = shape_config(shape)
-    if variant in ("ours", "ours_int8head"):
+    if variant in ("ours", "ours_int8head", "ours_compiled"):
         model = BitNetForCausalLM.from_config(config, packed=True, dtype=torch.bfloat16)
-        if variant == "ours_int8head":
+        if variant in ("ours_int8head", "ours_compiled"):
             model.quantize_output_layers(lm_head=True, embedding=True)
     elif variant == "ours_loaded":
         model = BitNetForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
@@ -147,6 +150,30 @@ def _weight_bytes_per_token(model, variant: str) -> int:
     return total
 
 
+def _decode_blocks(step, token, cache, blocks: int, steps_per_block: int):
+    """Timed decode: ``blocks`` blocks of ``steps_per_block`` steps, the read bandwidth measured before each block.
+
+    The memory bandwidth of a shared machine drifts; pairing each block with its own measurement keeps the
+    ratio to the physical limit meaningful. Returns (step times, [(bandwidth GB/s, block median s)]).
+    """
+    import torch
+
+    step_times, pairs = [], []
+    for _ in range(blocks):
+        bandwidth = memory_bandwidth_gbs(repeats=3)
+        block = []
+        for _ in range(steps_per_block):
+            start = time.perf_counter()
+            out = step(token, cache)
+            elapsed = time.perf_counter() - start
+            cache = out[1]
+            token = out[0].logits[:, -1:].argmax(-1)
+            block.append(elapsed)
+        step_times.extend(block)
+        pairs.append((bandwidth, statistics.median(block)))
+    return step_times, pairs
+
+
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -158,30 +185,56 @@ def run_worker(args: argparse.Namespace) -> None:
     anon_model = proc_status_bytes("RssAnon")
     weight_bytes = _weight_bytes_per_token(model, args.variant)
     rss_peak_model = proc_status_bytes("VmHWM")
-    bandwidth = memory_bandwidth_gbs()  # same process, right before the timed loops
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (1, PROMPT_LEN))
+    compiled = args.variant == "ours_compiled"
     decode_tokens = args.decode_tokens
-    prefill_times, step_times = [], []
+    blocks = 4 if decode_tokens >= 16 else 1
+    prefill_times = []
+    compile_s = None
     with torch.inference_mode():
-        for repeat in range(args.prefill_repeats + 1):  # the first pass warms up (compiles, allocates)
+        for repeat in range(args.prefill_repeats + 1):  # the first pass warms up (allocates)
+            cache = None
+            if compiled:  # generate() with compiled_decode_kwargs: static cache, eager prefill, compiled decode
+                from bitnet_torch.models import compiled_decode_kwargs
+
+                cache = compiled_decode_kwargs(model, prompt, decode_tokens + 8)["cache"]
             start = time.perf_counter()
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # as generate() does
+            out = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)  # as generate() does
             elapsed = time.perf_counter() - start
             if repeat:
                 prefill_times.append(elapsed)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
-        for step in range(decode_tokens + 2):  # two warm-up steps
+        position = [PROMPT_LEN]
+        if compiled:
+            forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+
+            def step(tok, kv):
+                pos = torch.tensor([[position[0]]])
+                position[0] += 1
+                return forward(input_ids=tok, cache=kv, use_cache=True, position_ids=pos), kv
+
             start = time.perf_counter()
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            elapsed = time.perf_counter() - start
-            cache = out.cache
-            token = out.logits[:, -1:].argmax(-1)
-            if step >= 2:
-                step_times.append(elapsed)
+            first, cache = step(token, cache)
+            compile_s = time.perf_counter() - start
+            token = first.logits[:, -1:].argmax(-1)
+        else:
+
+            def step(tok, kv):
+                result = model(input_ids=tok, cache=kv, use_cache=True)
+                return result, result.cache
+
+        for _ in range(2):  # warm-up steps
+            first, cache = step(token, cache)
+            token = first.logits[:, -1:].argmax(-1)
+        step_times, pairs = _decode_blocks(step, token, cache, blocks, max(1, decode_tokens // blocks))
+    rss_after = proc_status_bytes("VmRSS")
     from bitnet_torch import backend_info
 
+    decode_s = statistics.median(step_times)
+    bandwidth = statistics.median(bw for bw, _ in pairs)
+    ratios = [block_s / (weight_bytes / (bw * 1e9)) for bw, block_s in pairs]
     result = {
         "variant": args.variant,
         "shape": args.shape,
@@ -191,17 +244,21 @@ def run_worker(args: argparse.Namespace) -> None:
         "prefill_tokens": PROMPT_LEN,
         "prefill_s_median": statistics.median(prefill_times),
         "prefill_tokens_per_s": PROMPT_LEN / statistics.median(prefill_times),
-        "decode_s_per_token_median": statistics.median(step_times),
-        "decode_tokens_per_s": 1.0 / statistics.median(step_times),
+        "decode_s_per_token_median": decode_s,
+        "decode_tokens_per_s": 1.0 / decode_s,
         "decode_steps_timed": len(step_times),
+        "compile_s": compile_s,
         "weight_bytes_per_token": weight_bytes,
         "rss_model_bytes": rss_model,
         "rss_model_growth_bytes": rss_model - rss_start,
         "rss_anon_model_bytes": anon_model,
         "rss_peak_bytes": rss_peak_model,
+        "rss_after_decode_bytes": rss_after,
         "bandwidth_gbs": bandwidth,
+        "bandwidth_gbs_blocks": [bw for bw, _ in pairs],
         "bandwidth_limit_s_per_token": weight_bytes / (bandwidth * 1e9),
-        "decode_vs_bandwidth_limit": statistics.median(step_times) / (weight_bytes / (bandwidth * 1e9)),
+        "decode_vs_bandwidth_limit": statistics.median(ratios),
+        "decode_vs_bandwidth_limit_blocks": ratios,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -355,7 +412,7 @@ def main() -> None:
                 if variant == "llama_fp32" and big and not args.include_fp32_2b:
                     continue
                 slow = variant.startswith("hf_") or variant.startswith("llama")
-                decode = 4 if (big and slow) else (8 if big else 32)
+                decode = 4 if (big and slow) else (24 if big else 32)
                 repeats = 1 if (big and slow) else 3
                 argv = ["--worker", "--variant", variant, "--shape", shape, "--checkpoint", checkpoint,
                         "--decode-tokens", str(decode), "--prefill-repeats", str(repeats)]
@@ -382,32 +439,44 @@ def _print_run(r: dict) -> None:
         print(f"[{r['shape']:>5}] {r['variant']:<17} FAILED: {r['error'][-400:]}", flush=True)
         return
     limit = r["bandwidth_limit_s_per_token"]
+    compile_note = f", compiled in {r['compile_s']:.0f} s" if r.get("compile_s") else ""
     print(
         f"[{r['shape']:>5}] {r['variant']:<17} prefill {PROMPT_LEN} tok {r['prefill_s_median'] * 1e3:8.1f} ms "
         f"({r['prefill_tokens_per_s']:7.1f} tok/s) | decode {r['decode_s_per_token_median'] * 1e3:8.1f} ms/tok "
-        f"({r['decode_tokens_per_s']:6.2f} tok/s, {r['decode_s_per_token_median'] / limit:5.2f}x the "
-        f"{limit * 1e3:.1f} ms limit: {r['weight_bytes_per_token'] / 1e9:.3f} GB at {r['bandwidth_gbs']:.1f} GB/s) | "
-        f"RSS {r['rss_model_bytes'] / 2**30:.2f} GiB (peak {r['rss_peak_bytes'] / 2**30:.2f})",
+        f"({r['decode_tokens_per_s']:6.2f} tok/s, {r['decode_vs_bandwidth_limit']:5.2f}x the "
+        f"{limit * 1e3:.1f} ms limit: {r['weight_bytes_per_token'] / 1e9:.3f} GB at {r['bandwidth_gbs']:.1f} GB/s"
+        f"{compile_note}) | RSS {r['rss_model_bytes'] / 2**30:.2f} GiB = {r['rss_model_bytes'] / 1e9:.2f} GB "
+        f"(after decode {r['rss_after_decode_bytes'] / 1e9:.2f} GB)",
         flush=True,
     )
 
 
+OURS = ("ours", "ours_int8head", "ours_compiled", "ours_loaded")
+
+
 def _add_ratios(results: dict) -> None:
+    """Same-run decode / prefill speedups of each of our variants over each baseline of the same shape."""
     by_key = {(r["shape"], r["variant"]): r for r in results["runs"] if "error" not in r}
-    for (shape, variant), r in by_key.items():
-        ours = by_key.get((shape, "ours"))
-        if ours is not None and variant != "ours":
-            r["ours_decode_speedup"] = r["decode_s_per_token_median"] / ours["decode_s_per_token_median"]
-            r["ours_prefill_speedup"] = r["prefill_s_median"] / ours["prefill_s_median"]
+    results["speedups"] = []
+    for (shape, variant), ours in by_key.items():
+        if variant not in OURS:
+            continue
+        for (other_shape, baseline), base in by_key.items():
+            if other_shape != shape or baseline in OURS:
+                continue
+            results["speedups"].append({
+                "shape": shape, "ours": variant, "baseline": baseline,
+                "decode_speedup": base["decode_s_per_token_median"] / ours["decode_s_per_token_median"],
+                "prefill_speedup": base["prefill_s_median"] / ours["prefill_s_median"],
+            })
 
 
 def _print_summary(results: dict) -> None:
     print(f"\nsame-run ratios (threads={results['threads']}, bandwidth {results['bandwidth_gbs_start']:.1f} → "
           f"{results['bandwidth_gbs_end']:.1f} GB/s):")
-    for r in results["runs"]:
-        if "ours_decode_speedup" in r:
-            print(f"  [{r['shape']:>5}] ours vs {r['variant']:<17} decode {r['ours_decode_speedup']:6.2f}x faster, "
-                  f"prefill {r['ours_prefill_speedup']:6.2f}x faster")
+    for s in results["speedups"]:
+        print(f"  [{s['shape']:>5}] {s['ours']:<14} vs {s['baseline']:<17} decode {s['decode_speedup']:6.2f}x faster, "
+              f"prefill {s['prefill_speedup']:6.2f}x faster")
 
 
 if __name__ == "__main__":

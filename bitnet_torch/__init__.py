@@ -19,7 +19,7 @@ from ._backend import backend_info
 from .nn import BitLinear, PackedBitLinear, RMSNorm, convert_to_bitnet, pack_model, set_lambda
 from .packing import pack_ternary, unpack_ternary
 from .quant import lambda_schedule, quantize_activation, quantize_weight
-from .models import BitNetConfig, BitNetForCausalLM, BitNetModel  # also registers them with transformers' Auto API
+from .models import BitNetConfig, BitNetForCausalLM, BitNetModel, compiled_decode_kwargs  # also registers them with transformers' Auto API
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "PackedBitLinear",
     "RMSNorm",
     "backend_info",
+    "compiled_decode_kwargs",
     "convert_to_bitnet",
     "lambda_schedule",
     "ops",

@@ -5,6 +5,7 @@ through it), although the packed weight itself is frozen. The formulas are the s
 estimator of SPEC §2: activation quantization passes the gradient unchanged, so
 
 * ``ternary_linear``: ``dx = dy @ (W_t * mean|W|)``, ``dbias = Σ dy``;
+* ``ternary_linear_group``: ``dx = Σ_i dy_i @ (W_t,i * mean|W_i|)``, ``dbias_i = Σ dy_i``;
 * ``int8_linear``:    ``dx = dy @ (W_q * scale[:, None])``, ``dbias = Σ dy``.
 
 The packed weight, its scales and the int8 weight get no gradient (they are integer or frozen state).
@@ -50,7 +51,47 @@ def _int8_linear_backward(ctx: Any, grad: torch.Tensor):
     return _input_and_bias_grads(ctx, grad, dequantized)
 
 
+def _group_setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
+    x, packed, weight_scale, bias = inputs
+    # torch.library treats a bias list that holds a None as one opaque argument: it cannot carry gradients.
+    ctx.bias_is_tensor_list = all(b is not None for b in bias)
+    if not ctx.bias_is_tensor_list and any(b is not None and b.requires_grad for b in bias):
+        raise NotImplementedError(
+            "ternary_linear_group: a bias that requires grad needs every member to have a bias (a list mixing "
+            "None and tensors gets no gradient); call ternary_linear per member instead"
+        )
+    ctx.save_for_backward(*packed, *weight_scale)
+    ctx.members = len(packed)
+    ctx.x_shape = x.shape
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtypes = [None if b is None else b.dtype for b in bias]
+
+
+def _ternary_linear_group_backward(ctx: Any, grads: list[torch.Tensor | None]):
+    saved = ctx.saved_tensors
+    packed, weight_scale = saved[: ctx.members], saved[ctx.members :]
+    grad_x = None
+    bias_grads: list[torch.Tensor | None] = [None] * ctx.members
+    for i, grad in enumerate(grads):
+        if grad is None:
+            continue
+        g = grad.reshape(-1, packed[i].shape[0] * 4).float()
+        if ctx.needs_input_grad[0]:
+            dequantized = unpack_ternary(packed[i], validate=False).float() * weight_scale[i].float().reshape(())
+            term = g @ dequantized
+            grad_x = term if grad_x is None else grad_x + term
+        if ctx.bias_dtypes[i] is not None:
+            bias_grads[i] = g.sum(0).to(ctx.bias_dtypes[i])
+    if grad_x is not None:
+        grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
+    none = [None] * ctx.members
+    return grad_x, none, none, (bias_grads if ctx.bias_is_tensor_list else None)
+
+
 def register_autograd_formulas() -> None:
     """Attach the straight-through backward formulas to ``bitnet::ternary_linear`` and ``bitnet::int8_linear``."""
     torch.library.register_autograd("bitnet::ternary_linear", _ternary_linear_backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "bitnet::ternary_linear_group", _ternary_linear_group_backward, setup_context=_group_setup_context
+    )
     torch.library.register_autograd("bitnet::int8_linear", _int8_linear_backward, setup_context=_setup_context)

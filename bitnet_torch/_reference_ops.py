@@ -19,6 +19,7 @@ __all__ = [
     "quantize_activation",
     "ternary_matmul",
     "ternary_linear",
+    "ternary_linear_group",
     "quantize_pack_weight",
     "int8_linear",
     "float_linear",
@@ -70,6 +71,18 @@ def ternary_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def ternary_linear_group(
+    x: torch.Tensor, packed: list[torch.Tensor], weight_scale: list[torch.Tensor], bias: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """:func:`ternary_linear` of the same input with each weight in turn (the grouped q/k/v, gate/up projection)."""
+    if not (len(packed) == len(weight_scale) == len(bias)) or not packed:
+        raise ValueError(
+            f"ternary_linear_group: need as many weight scales and biases as packed weights (at least one), got "
+            f"{len(packed)}, {len(weight_scale)}, {len(bias)}"
+        )
+    return [ternary_linear(x, p, s, b) for p, s, b in zip(packed, weight_scale, bias)]
 
 
 def quantize_pack_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

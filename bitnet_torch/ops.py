@@ -10,6 +10,9 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
 ``ternary_linear(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor``
     float ``[..., K]`` → quantize → ternary matmul → ``float(acc) * (x_scale * weight_scale) + bias``
     (fp32) → ``[..., N]`` in ``x.dtype``. ``weight_scale``: one element, multiply convention (mean |W|).
+``ternary_linear_group(Tensor x, Tensor[] packed, Tensor[] weight_scale, Tensor?[] bias) -> Tensor[]``
+    ``[ternary_linear(x, packed[i], weight_scale[i], bias[i]) for i]``, bit for bit, with ``x`` quantized
+    once and (CPU decode) one parallel pass over all the weights: the q/k/v and gate/up projections of a layer.
 ``quantize_pack_weight(Tensor w) -> (Tensor packed, Tensor scale)``
     float ``[N, K]`` → packed uint8 ``[N/4, K]`` and the fp32 0-dim absmean scale.
 ``int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor``
@@ -40,6 +43,7 @@ __all__ = [
     "quantize_activation",
     "ternary_matmul",
     "ternary_linear",
+    "ternary_linear_group",
     "quantize_pack_weight",
     "int8_linear",
     "float_linear",
@@ -54,6 +58,9 @@ OP_SCHEMAS: dict[str, str] = {
     "quantize_activation": "quantize_activation(Tensor x) -> (Tensor, Tensor)",
     "ternary_matmul": "ternary_matmul(Tensor x_q, Tensor packed) -> Tensor",
     "ternary_linear": "ternary_linear(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor",
+    "ternary_linear_group": (
+        "ternary_linear_group(Tensor x, Tensor[] packed, Tensor[] weight_scale, Tensor?[] bias) -> Tensor[]"
+    ),
     "quantize_pack_weight": "quantize_pack_weight(Tensor w) -> (Tensor, Tensor)",
     "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
     "float_linear": "float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
@@ -128,6 +135,15 @@ def _register_fakes() -> None:
         torch._check(x.shape[-1] == packed.shape[1], lambda: "ternary_linear: K of x and packed differ")
         return x.new_empty(x.shape[:-1] + (packed.shape[0] * 4,))
 
+    @torch.library.register_fake("bitnet::ternary_linear_group")
+    def _(x, packed, weight_scale, bias):
+        torch._check(len(packed) >= 1, lambda: "ternary_linear_group: packed must hold at least one weight")
+        torch._check(len(weight_scale) == len(packed), lambda: "ternary_linear_group: one weight_scale per weight")
+        torch._check(len(bias) == len(packed), lambda: "ternary_linear_group: one bias (or None) per weight")
+        for p in packed:
+            torch._check(x.shape[-1] == p.shape[1], lambda: "ternary_linear_group: K of x and packed differ")
+        return [x.new_empty(x.shape[:-1] + (p.shape[0] * 4,)) for p in packed]
+
     @torch.library.register_fake("bitnet::quantize_pack_weight")
     def _(w):
         torch._check(w.dim() == 2, lambda: "quantize_pack_weight: w must be 2-D [N, K]")
@@ -194,6 +210,27 @@ def ternary_linear(
 ) -> torch.Tensor:
     """Fused packed BitLinear forward (multiply-convention ``weight_scale``); output in ``x.dtype``."""
     return torch.ops.bitnet.ternary_linear(x, packed, weight_scale, bias)
+
+
+def ternary_linear_group(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    weight_scale: list[torch.Tensor],
+    bias: list[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
+    """Several packed linears of the same input (e.g. q/k/v): the outputs of :func:`ternary_linear`, bit for bit.
+
+    The input is quantized once and, for decode on CPU, all weights are streamed in one parallel pass.
+    """
+    if bias is None:
+        bias = [None] * len(packed)
+    elif torch.is_grad_enabled() and None in bias and any(b is not None and b.requires_grad for b in bias):
+        # torch.library sees a list mixing None and tensors as one opaque argument: it would get no gradient.
+        raise NotImplementedError(
+            "ternary_linear_group: a bias that requires grad needs every member to have a bias (a list mixing "
+            "None and tensors gets no gradient); call ternary_linear per member instead"
+        )
+    return torch.ops.bitnet.ternary_linear_group(x, list(packed), list(weight_scale), list(bias))
 
 
 def quantize_pack_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

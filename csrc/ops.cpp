@@ -13,6 +13,7 @@ TORCH_LIBRARY(bitnet, m) {
   m.def("quantize_activation(Tensor x) -> (Tensor, Tensor)");
   m.def("ternary_matmul(Tensor x_q, Tensor packed) -> Tensor");
   m.def("ternary_linear(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor");
+  m.def("ternary_linear_group(Tensor x, Tensor[] packed, Tensor[] weight_scale, Tensor?[] bias) -> Tensor[]");
   m.def("quantize_pack_weight(Tensor w) -> (Tensor, Tensor)");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

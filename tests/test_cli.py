@@ -102,6 +102,15 @@ def test_generate_streams_prompt_and_chat_with_tokens_per_second(tiny, capsys):
     assert out.startswith("assistant> ") and "tokens/s" in err
 
 
+def test_generate_compiled_decode_prints_the_same_text(tiny, capsys):
+    args = ["--prompt", "And the earth", "--max-new-tokens", "5"]
+    code, eager, err = run(["generate", tiny["packed"], *args], capsys)
+    assert code == 0, err
+    code, compiled, err = run(["generate", tiny["packed"], *args, "--compile"], capsys)
+    assert code == 0, err
+    assert compiled == eager and "tokens/s" in err
+
+
 def test_generate_from_the_exported_gguf_matches_the_checkpoint(tiny, tmp_path, capsys):
     gguf_file = tmp_path / "m.gguf"
     assert run(["export", "gguf", tiny["packed"], gguf_file, "--embedding-type", "f32"], capsys)[0] == 0

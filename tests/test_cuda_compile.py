@@ -46,7 +46,9 @@ CUDA_SOURCES = REPO / "csrc" / "cuda"
 HARNESS = CUDA_SOURCES / "tests" / "host_harness.cu"
 #: Architectures every CUDA build must compile for (A100 and H100/H200).
 ARCHS = "8.0;9.0"
-OPS = ("quantize_activation", "ternary_matmul", "ternary_linear", "quantize_pack_weight", "int8_linear")
+OPS = (
+    "quantize_activation", "ternary_matmul", "ternary_linear", "ternary_linear_group", "quantize_pack_weight", "int8_linear"
+)
 
 
 def _cuda_home() -> Path | None:
@@ -109,7 +111,7 @@ def test_cuda_extension_builds_for_sm80_and_sm90(cuda_library: Path) -> None:
 @needs_nvcc
 @needs_cuda_torch
 def test_cuda_extension_registers_every_op_for_cuda(cuda_library: Path) -> None:
-    """Loading the library (no GPU needed) registers a CUDA and a CPU kernel for each of the five ops."""
+    """Loading the library (no GPU needed) registers a CUDA and a CPU kernel for each of the six kernel ops."""
     script = (
         "import sys, torch\n"
         f"torch.ops.load_library({str(cuda_library)!r})\n"

@@ -262,6 +262,59 @@ def test_greedy_generation_is_identical_with_and_without_cache(checkpoints):
     assert len(set(with_cache[0, 5:].tolist())) > 2, "degenerate test model: greedy output collapsed"
 
 
+def test_grouped_projections_equal_separate_layer_calls(checkpoints, input_ids):
+    """q/k/v and gate/up run as one grouped op; a hook on a projection forces separate calls: same logits."""
+    model = BitNetForCausalLM.from_pretrained(checkpoints["packed"], dtype=torch.bfloat16)
+    grouped = _logits(model, input_ids)
+    calls = []
+    hooks = [
+        layer.get_submodule(name).register_forward_hook(lambda *args: calls.append(1))
+        for layer in model.model.layers
+        for name in ("self_attn.k_proj", "mlp.up_proj")
+    ]
+    try:
+        separate = _logits(model, input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 2 * len(model.model.layers), "the hooked projections were not called one by one"
+    assert torch.equal(grouped, separate)
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_cpu_gqa_attention_equals_transformers_sdpa(q_len):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from bitnet_torch.models.attention import attend
+
+    model = BitNetForCausalLM.from_config(tiny_config(), packed=True, attn_implementation="sdpa")
+    module = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, q_len, 16, generator=gen)
+    key, value = torch.randn(2, 2, 9, 16, generator=gen), torch.randn(2, 2, 9, 16, generator=gen)
+    mask = torch.zeros(2, 1, q_len, 9)
+    mask[1, :, :, :3] = float("-inf")  # a left-padded row
+    ours, _ = attend(module, query, key, value, mask, dropout=0.0, scaling=0.25)
+    with torch._dynamo.config.patch(disable=True):
+        reference, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=0.25)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_static_cache_decode_matches_eager(checkpoints):
+    """generate() with compiled_decode_kwargs (static cache, torch.compile'd step on CPU) = eager greedy output."""
+    from bitnet_torch.models import compiled_decode_kwargs
+
+    model = BitNetForCausalLM.from_pretrained(checkpoints["packed"])
+    batch = torch.tensor([[1, 17, 99, 23, 250, 8, 77], [0, 0, 0, 0, 1, 64, 5]])
+    mask = (batch != 0).long()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        compiled = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                  **compiled_decode_kwargs(model, batch, 8, bucket=32))
+    assert torch.equal(eager, compiled)
+
+
 def test_batched_generation_with_left_padding_matches_single_prompts(checkpoints):
     model = BitNetForCausalLM.from_pretrained(checkpoints["packed"])
     long_prompt, short_prompt = [1, 17, 99, 23, 250, 8, 77], [1, 64, 5]

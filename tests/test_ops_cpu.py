@@ -158,6 +158,82 @@ def test_ternary_linear_is_exact(isa, dtype, m, k, n, with_bias):
     )
 
 
+GROUP_CASES = [  # (M, K, N of each member): q/k/v- and gate/up-like groups, awkward N and K, empty members
+    (1, 100, (12, 4, 4)),
+    (1, 260, (64, 16, 16)),
+    (3, 2560, (2560, 640, 640)),
+    (8, 300, (4, 128)),
+    (9, 100, (12, 8)),
+    (0, 100, (12, 4)),
+    (1, 100, (0, 8, 0, 4)),
+    (130, 260, (68, 20)),
+]
+
+
+@pytest.mark.parametrize("m,k,ns", GROUP_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ternary_linear_group_equals_separate_calls(isa, m, k, ns, dtype):
+    x = _activations((m, k), dtype)
+    packed = [_random_packed(n, k) for n in ns]
+    scales = [torch.tensor([0.02 * (i + 1)], dtype=dtype) for i in range(len(ns))]
+    biases = [torch.randn(n).to(dtype) if i % 2 else None for i, n in enumerate(ns)]
+    outputs = ops.ternary_linear_group(x, packed, scales, biases)
+    assert len(outputs) == len(ns)
+    for i, out in enumerate(outputs):
+        expected = _reference_ops.ternary_linear(x, packed[i], scales[i], biases[i])
+        assert_same(out, expected, f"{isa} {dtype} member {i} of {m}x{k}x{ns}")
+
+
+def test_ternary_linear_group_3d_non_contiguous_and_no_bias_list(isa):
+    x = _activations((2, 10, 300), torch.bfloat16)[:, ::2, 50:250]
+    packed = [_random_packed(48, 230)[:, 10:210], _random_packed(16, 200)]
+    scales = [torch.tensor([[0.5]]), torch.tensor(0.25, dtype=torch.float64)]
+    outputs = ops.ternary_linear_group(x, packed, scales)
+    assert [tuple(o.shape) for o in outputs] == [(2, 5, 48), (2, 5, 16)]
+    for i, out in enumerate(outputs):
+        expected = _reference_ops.ternary_linear(x.contiguous(), packed[i].contiguous(), scales[i], None)
+        assert_same(out, expected, f"{isa} member {i}")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_ternary_linear_group_gradient_is_the_sum_of_the_members(with_bias):
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    packed = [_random_packed(8, 40), _random_packed(12, 40)]
+    scales = [torch.tensor([0.3]), torch.tensor([0.1])]
+    biases = [torch.randn(8, requires_grad=True), torch.randn(12, requires_grad=True)] if with_bias else [None, None]
+    a, b = ops.ternary_linear_group(x, packed, scales, biases)
+    (a.square().sum() + (b * 3).sum()).backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    biases2 = [t.detach().clone().requires_grad_(True) if t is not None else None for t in biases]
+    a2 = ops.ternary_linear(x2, packed[0], scales[0], biases2[0])
+    b2 = ops.ternary_linear(x2, packed[1], scales[1], biases2[1])
+    (a2.square().sum() + (b2 * 3).sum()).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    if with_bias:
+        for bias, bias2 in zip(biases, biases2):
+            torch.testing.assert_close(bias.grad, bias2.grad)
+
+
+def test_ternary_linear_group_refuses_a_trainable_bias_next_to_none():
+    x = torch.randn(2, 40)
+    packed = [_random_packed(8, 40), _random_packed(12, 40)]
+    with pytest.raises(NotImplementedError, match="every member to have a bias"):
+        ops.ternary_linear_group(x, packed, [torch.tensor([0.3])] * 2, [None, torch.randn(12, requires_grad=True)])
+
+
+def test_ternary_linear_group_rejects_mismatched_members():
+    x = torch.randn(2, 16)
+    packed = [_random_packed(8, 16), _random_packed(4, 12)]
+    with pytest.raises(ValueError, match=r"K of x \(16\) and packed\[1\] \(12\) differ"):
+        ops.ternary_linear_group(x, packed, [torch.tensor([1.0])] * 2)
+    with pytest.raises(ValueError, match="weight scales"):
+        ops.ternary_linear_group(x, packed[:1], [torch.tensor([1.0])] * 2)
+    with pytest.raises(ValueError, match="at least one weight"):
+        torch.ops.bitnet.ternary_linear_group(x, [], [], [])
+    with pytest.raises(TypeError, match=r"packed\[0\] must be uint8"):
+        ops.ternary_linear_group(x, [packed[0].to(torch.int8)], [torch.tensor([1.0])])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ternary_linear_3d_input_is_exact(isa, dtype):
     x = _activations((2, 9, 100), dtype)
@@ -313,6 +389,9 @@ def _opcheck_cases():
         "quantize_activation": (x,),
         "ternary_matmul": (torch.randint(-128, 128, (5, 40), dtype=torch.int8), packed),
         "ternary_linear": (x, packed, torch.tensor([0.3]), torch.randn(8)),
+        "ternary_linear_group": (
+            x, [packed, _random_packed(4, 40)], [torch.tensor([0.3]), torch.tensor([0.2])], [torch.randn(8), None]
+        ),
         "quantize_pack_weight": (torch.randn(8, 40),),
         "int8_linear": (x, torch.randint(-128, 128, (6, 40), dtype=torch.int8), torch.rand(6), None),
         "float_linear": (x, torch.randn(6, 40, dtype=torch.bfloat16), torch.randn(6)),

@@ -26,6 +26,7 @@ from .configuration import (
     bitnet_b1_58_2b_4t_config,
 )
 from .conversion import convert_llama_to_bitnet
+from .generation import compiled_decode_kwargs, decode_compile_config, static_cache_length
 from .modeling import BitNetForCausalLM, BitNetModel, BitNetPreTrainedModel
 
 __all__ = [
@@ -40,8 +41,11 @@ __all__ = [
     "apply_llama3_chat_template",
     "bitnet_b1_58_2b_4t_config",
     "checkpoint_state_dict",
+    "compiled_decode_kwargs",
     "convert_llama_to_bitnet",
+    "decode_compile_config",
     "register_auto_classes",
+    "static_cache_length",
 ]
 
 

@@ -1,14 +1,17 @@
 """BitNet b1.58 decoder (SPEC §4) as Transformers ``PreTrainedModel`` classes whose projections are ours.
 
-The building blocks subclass Transformers' own ``models/bitnet`` modules and inherit their ``forward``
-(attention through Transformers' attention interface — sdpa/eager/flex — with its ``Cache`` classes, RoPE,
-GQA, SubLN ``attn_sub_norm`` before ``o_proj`` and ``ffn_sub_norm`` before ``down_proj``, gated squared-ReLU
-MLP), so the numerics are Transformers' except for the seven projections per layer, which are:
+The building blocks subclass Transformers' own ``models/bitnet`` modules: attention through Transformers'
+attention interface (sdpa/eager/flex) with its ``Cache`` classes, RoPE, GQA, SubLN ``attn_sub_norm`` before
+``o_proj`` and ``ffn_sub_norm`` before ``down_proj``, gated squared-ReLU MLP. The numerics are Transformers'
+except for the seven projections per layer, which are:
 
 * :class:`~bitnet_torch.nn.BitLinear` (trainable, float master weights) when
   ``config.quantization_config["quantization_mode"] == "online"``;
 * :class:`~bitnet_torch.nn.PackedBitLinear` (uint8 codes + ``weight_scale``, no float weight ever) when it is
   ``"offline"``; ``linear_class`` picks the scale convention.
+
+The attention and MLP ``forward`` restate Transformers' step for step, only so that the projections sharing
+an input (q/k/v, gate/up) run as one grouped kernel call when they are packed (:func:`project_group`).
 
 Loading and saving (``from_pretrained`` / ``save_pretrained``) are in :mod:`.checkpoint`; this file is the
 architecture only.
@@ -23,11 +26,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bitnet import modeling_bitnet as hf_bitnet
+from transformers.utils.deprecation import deprecate_kwarg
 
+from .. import ops
 from ..nn import BitLinear, FastLinear, Int8Embedding, Int8Linear, PackedBitLinear, RMSNorm
 from ..packing import VALUES_PER_BYTE
+from .attention import attend
 from .configuration import BitNetConfig
 
 __all__ = [
@@ -71,8 +78,40 @@ def projection_factory(config: BitNetConfig) -> LinearFactory:
     return make_trainable
 
 
+def project_group(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]``, computed by one grouped packed op when that gives the same numbers.
+
+    When every layer is a plain :class:`PackedBitLinear` (no input RMSNorm, no hooks, not wrapped by an adapter),
+    :func:`bitnet_torch.ops.ternary_linear_group` quantizes ``x`` once and streams all the weights in one
+    parallel pass (the q/k/v and gate/up projections of a layer: 4 kernel calls per layer instead of 7); its
+    outputs are bit-identical to the separate calls. Anything else (BitLinear, LoRA-wrapped layers, hooks)
+    is called layer by layer.
+    """
+    groupable = all(
+        type(layer) is PackedBitLinear
+        and layer.rms_norm is None
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+        for layer in layers
+    )
+    if not groupable or x.shape[-1] != layers[0].in_features:
+        return [layer(x) for layer in layers]
+    return ops.ternary_linear_group(
+        x,
+        [layer.weight for layer in layers],
+        [layer.multiply_scale() for layer in layers],
+        [layer.bias for layer in layers],
+    )
+
+
 class BitNetAttention(hf_bitnet.BitNetAttention):
-    """Transformers' BitNet attention (forward inherited) with our projections and RMSNorm."""
+    """Transformers' BitNet attention with our projections and RMSNorm.
+
+    ``forward`` follows Transformers' ``BitNetAttention.forward`` step for step (RoPE, ``cache.update``, the
+    configured attention interface, ``attn_sub_norm`` before ``o_proj``); the differences are that q, k and v
+    come from :func:`project_group` (one grouped kernel call for packed projections) and that CPU ``sdpa``
+    runs grouped-query attention inside SDPA (:func:`~bitnet_torch.models.attention.attend`).
+    """
 
     def __init__(self, config: BitNetConfig, layer_idx: int, make_linear: LinearFactory):
         nn.Module.__init__(self)
@@ -91,9 +130,49 @@ class BitNetAttention(hf_bitnet.BitNetAttention):
         self.o_proj = make_linear(q_out, config.hidden_size, config.attention_bias)
         self.attn_sub_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query, key, value = project_group(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+        query_states = query.view(hidden_shape).transpose(1, 2)
+        key_states = key.view(hidden_shape).transpose(1, 2)
+        value_states = value.view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = hf_bitnet.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attn_output, attn_weights = attend(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.attn_sub_norm(attn_output)
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
 
 class BitNetMLP(hf_bitnet.BitNetMLP):
-    """Gated squared-ReLU MLP with the SubLN ``ffn_sub_norm`` before ``down_proj`` (forward inherited)."""
+    """Gated squared-ReLU MLP with the SubLN ``ffn_sub_norm`` before ``down_proj`` (SPEC §4).
+
+    ``down(ffn_sub_norm(act(gate(x)) * up(x)))`` as in Transformers, with gate and up computed together by
+    :func:`project_group`.
+    """
 
     def __init__(self, config: BitNetConfig, make_linear: LinearFactory):
         nn.Module.__init__(self)
@@ -105,6 +184,10 @@ class BitNetMLP(hf_bitnet.BitNetMLP):
         self.down_proj = make_linear(self.intermediate_size, self.hidden_size, False)
         self.act_fn = ACT2FN[config.hidden_act]
         self.ffn_sub_norm = RMSNorm(config.intermediate_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = project_group(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(self.ffn_sub_norm(self.act_fn(gate) * up))
 
 
 class BitNetDecoderLayer(hf_bitnet.BitNetDecoderLayer):

@@ -13,7 +13,7 @@
 //     K < kMaxTernaryK = 2^17), so an arithmetic shift right by 2i recovers the sum; subtracting sum_k x_k turns
 //     codes back into ternary values.
 //   * decode (M <= 8): the packed rows are walked in chunks of kTernaryTileP rows; a chunk is streamed from
-//     memory once (with a software prefetch kDecodePrefetchBytes ahead: the hardware prefetchers alone leave
+//     memory once (each row group prefetching the next one into L2: the hardware prefetchers alone leave
 //     the stream at ~60% of the memory bandwidth) and every further group of up to four tokens re-reads it
 //     from L1 / L2. Up to four packed rows at a time keep 16 vpdpbusd chains in flight; the slot sums of a
 //     chunk are reduced once per row and written 16 output columns at a time through the vector epilogue.
@@ -201,27 +201,26 @@ inline __m128i reduce4(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
     _mm_store_si128(reinterpret_cast<__m128i*>(slot_sums + (q % MT) * 4 * kTernaryTileP + (q / MT) * 4), sums); \
   }
 
-//! Software prefetch distance of the decode stream, in bytes ahead of the current position (the PR rows of a
-//! step are contiguous, so the stream advances PR * 64 bytes per step). Into L2: a load of each line follows
-//! within a few microseconds, and the L2 streamer alone does not keep enough misses in flight.
-constexpr int64_t kDecodePrefetchBytes = 8192;
-
 //! Decode: MT tokens (rows m0..m0+MT-1) x PR packed rows at a time (MT * PR <= 4 pairs, 16 accumulators),
 //! streaming each packed row once. Stores the slot sums sum_k code_i[p + r, k] * x_q[m0 + t, k] (before the
 //! x_sum correction) at slot_sums[(t * kTernaryTileP + r) * 4 + i].
+//! next_rows (or null): the PR rows this thread streams next; each of their lines is prefetched into L2 at
+//! the same offset as the line being read now, so the prefetches run exactly one row group ahead of the
+//! loads whatever K is (the L2 streamer alone keeps too few misses in flight: ~60% of the bandwidth).
 template <int MT, int PR>
 inline void ternary_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const uint8_t* packed,
-                                int64_t p, int32_t* slot_sums) {
+                                int64_t p, int32_t* slot_sums, const uint8_t* next_rows) {
   static_assert(MT * PR <= 4, "at most 4 (row, token) pairs");
   const __m512i m0x03 = _mm512_set1_epi8(0x03), m0x0c = _mm512_set1_epi8(0x0C), m0x30 = _mm512_set1_epi8(0x30),
                 m0xc0 = _mm512_set1_epi8(char(0xC0)), zero = _mm512_setzero_si512();
   const __m128i shifts = _mm_setr_epi32(0, 2, 4, 6);
   BN_DECL_ACC(0) BN_DECL_ACC(1) BN_DECL_ACC(2) BN_DECL_ACC(3)
   const uint8_t* row = packed + p * K;
-  const char* ahead = reinterpret_cast<const char*>(row) + kDecodePrefetchBytes;
+  const char* ahead = reinterpret_cast<const char*>(next_rows);
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = tail_mask64(K - k);
-    for (int j = 0; j < PR; ++j) _mm_prefetch(ahead + k * PR + 64 * j, _MM_HINT_T1);
+    if (ahead != nullptr)
+      for (int j = 0; j < PR; ++j) _mm_prefetch(ahead + j * K + k, _MM_HINT_T1);
     const __m512i xv0 = _mm512_maskz_loadu_epi8(mask, x_q + m0 * lda + k);
     const __m512i xv1 = MT > 1 ? _mm512_maskz_loadu_epi8(mask, x_q + (m0 + 1) * lda + k) : zero;
     const __m512i xv2 = MT > 2 ? _mm512_maskz_loadu_epi8(mask, x_q + (m0 + 2) * lda + k) : zero;
@@ -240,14 +239,21 @@ inline void ternary_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64
 
 //! Decode of MT tokens against the np <= kTernaryTileP packed rows [pc, pc + np): the slot sums of the whole
 //! chunk are collected first, then written 16 output columns at a time through the vector epilogue.
+//! With prefetch, each row group prefetches the next one, up to p_end (the end of this thread's rows).
 template <int MT>
 void ternary_decode_chunk(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0,
-                          const uint8_t* packed, int64_t P, int64_t pc, int64_t np, const OutputSpec& out) {
+                          const uint8_t* packed, int64_t P, int64_t pc, int64_t np, int64_t p_end, bool prefetch,
+                          const OutputSpec& out) {
   constexpr int PR = MT == 1 ? 4 : MT == 2 ? 2 : 1;
   alignas(64) int32_t slot_sums[MT * 4 * kTernaryTileP];
+  auto next_group = [&](int64_t first, int64_t rows) -> const uint8_t* {
+    return prefetch && first + rows <= p_end ? packed + first * K : nullptr;
+  };
   int64_t r = 0;
-  for (; r + PR <= np; r += PR) ternary_decode_rows<MT, PR>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4);
-  for (; r < np; ++r) ternary_decode_rows<MT, 1>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4);
+  for (; r + PR <= np; r += PR)
+    ternary_decode_rows<MT, PR>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4, next_group(pc + r + PR, PR));
+  for (; r < np; ++r)
+    ternary_decode_rows<MT, 1>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4, next_group(pc + r + 1, 1));
   const __mmask16 mask = tail_mask16(np);
   const __m512i rows = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
   for (int t = 0; t < MT; ++t) {
@@ -356,11 +362,12 @@ void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t 
     for (int64_t pc = p0; pc < p1; pc += kTernaryTileP) {
       const int64_t np = std::min<int64_t>(kTernaryTileP, p1 - pc);
       int64_t m = m0;
-      for (; m + 4 <= m1; m += 4) ternary_decode_chunk<4>(x_q, lda, x_sum, K, m, packed, P, pc, np, out);
+      // Only the first token group streams the chunk from memory (and prefetches); later ones hit L1 / L2.
+      for (; m + 4 <= m1; m += 4) ternary_decode_chunk<4>(x_q, lda, x_sum, K, m, packed, P, pc, np, p1, m == m0, out);
       switch (m1 - m) {
-        case 3: ternary_decode_chunk<3>(x_q, lda, x_sum, K, m, packed, P, pc, np, out); break;
-        case 2: ternary_decode_chunk<2>(x_q, lda, x_sum, K, m, packed, P, pc, np, out); break;
-        case 1: ternary_decode_chunk<1>(x_q, lda, x_sum, K, m, packed, P, pc, np, out); break;
+        case 3: ternary_decode_chunk<3>(x_q, lda, x_sum, K, m, packed, P, pc, np, p1, m == m0, out); break;
+        case 2: ternary_decode_chunk<2>(x_q, lda, x_sum, K, m, packed, P, pc, np, p1, m == m0, out); break;
+        case 1: ternary_decode_chunk<1>(x_q, lda, x_sum, K, m, packed, P, pc, np, p1, m == m0, out); break;
         default: break;
       }
     }

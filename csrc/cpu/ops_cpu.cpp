@@ -170,6 +170,17 @@ at::Tensor optional_bias(const c10::optional<at::Tensor>& bias, int64_t N, const
   return bias->to(at::kFloat).contiguous();
 }
 
+//! The single element of a float weight_scale tensor as fp32 (read in place: no ATen op on the hot path).
+float scalar_weight_scale(const at::Tensor& s) {
+  switch (s.scalar_type()) {
+    case at::kFloat: return *s.const_data_ptr<float>();
+    case at::kBFloat16: return static_cast<float>(*s.const_data_ptr<at::BFloat16>());
+    case at::kHalf: return static_cast<float>(*s.const_data_ptr<at::Half>());
+    case at::kDouble: return static_cast<float>(*s.const_data_ptr<double>());
+    default: return s.to(at::kFloat).reshape({}).item<float>();
+  }
+}
+
 //! A linear's quantized input and its output, with the epilogue filled in except for the weight scales.
 struct LinearInput {
   at::Tensor y;                  //!< [..., N] in x.dtype (fp32 for a float64 input; see finish_float_output)
@@ -182,8 +193,9 @@ struct LinearInput {
 };
 
 //! Shape the output of x [..., K] times a weight with N rows and, unless it is empty, quantize x per token.
+//! With quantize_if_empty, x is quantized even when N is 0 (a group whose first member is empty).
 LinearInput prepare_linear(const KernelTable& kt, const at::Tensor& x, int64_t N, const at::Tensor& bias_f,
-                           bool row_sums) {
+                           bool row_sums, bool quantize_if_empty = false) {
   LinearInput in;
   const int64_t K = x.size(-1);
   std::vector<int64_t> out_shape = leading_shape(x);
@@ -191,7 +203,7 @@ LinearInput prepare_linear(const KernelTable& kt, const at::Tensor& x, int64_t N
   for (int64_t s : out_shape) in.M *= s;
   out_shape.push_back(N);
   in.y = float_output(x, out_shape);
-  if (in.M == 0 || N == 0) return in;
+  if (in.M == 0 || (N == 0 && !quantize_if_empty)) return in;
   in.lda = round_up4(K);
   in.x_q.resize(static_cast<size_t>(in.M * in.lda));
   in.x_scale.resize(static_cast<size_t>(in.M));
@@ -278,11 +290,99 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, const a
   const KernelTable& kt = active_kernels();
   LinearInput in = prepare_linear(kt, x, N, bias_f, /*row_sums=*/true);
   if (in.M == 0 || N == 0) return finish_float_output(x, in.y);
-  const float w_scale = weight_scale.to(at::kFloat).reshape({}).item<float>();
+  const float w_scale = scalar_weight_scale(weight_scale);
   in.spec.w_scale = &w_scale;
   const at::Tensor pc = packed.contiguous();
   run_ternary(kt, in.x_q.data(), in.lda, in.x_sum.data(), K, in.M, pc.data_ptr<uint8_t>(), P, in.spec);
   return finish_float_output(x, in.y);
+}
+
+//! One weight of a ternary_linear_group call: its packed rows, scale and where its output goes.
+struct GroupMember {
+  at::Tensor packed;   //!< contiguous [P, K]
+  at::Tensor bias_f;   //!< fp32 [N] or undefined
+  at::Tensor y;        //!< [..., N]
+  int64_t P = 0;
+  float w_scale = 0.f;
+  OutputSpec spec;
+};
+
+std::vector<at::Tensor> ternary_linear_group(const at::Tensor& x, at::TensorList packed, at::TensorList weight_scale,
+                                             const c10::List<std::optional<at::Tensor>>& bias) {
+  constexpr const char* op = "bitnet::ternary_linear_group";
+  check_cpu(x, op, "x");
+  check_float(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (the feature dimension)");
+  const size_t G = packed.size();
+  TORCH_CHECK_VALUE(G >= 1, op, ": packed must hold at least one weight");
+  TORCH_CHECK_VALUE(weight_scale.size() == G, op, ": got ", G, " packed weights but ", weight_scale.size(),
+                    " weight scales");
+  TORCH_CHECK_VALUE(bias.size() == G, op, ": got ", G, " packed weights but ", bias.size(), " biases (use None)");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(K < kMaxTernaryK, op, ": K=", K, " exceeds the supported maximum ", kMaxTernaryK - 1);
+  std::vector<GroupMember> members(G);
+  for (size_t g = 0; g < G; ++g) {
+    const at::Tensor& w = packed[g];
+    check_cpu(w, op, "packed");
+    check_cpu(weight_scale[g], op, "weight_scale");
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": packed[", g, "] must be uint8, got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": packed[", g, "] must be 2-D [N/4, K], got shape ", w.sizes());
+    TORCH_CHECK_VALUE(w.size(1) == K, op, ": K of x (", K, ") and packed[", g, "] (", w.size(1), ") differ");
+    check_float(weight_scale[g], op, "weight_scale");
+    TORCH_CHECK_VALUE(weight_scale[g].numel() == 1, op, ": weight_scale[", g, "] must hold one element, got shape ",
+                      weight_scale[g].sizes());
+    members[g].P = w.size(0);
+    members[g].packed = w.contiguous();
+    members[g].w_scale = scalar_weight_scale(weight_scale[g]);
+    const std::optional<at::Tensor> b = bias.get(g);
+    members[g].bias_f = optional_bias(b, 4 * members[g].P, op);
+  }
+  const KernelTable& kt = active_kernels();
+  // Quantize x once (the first member's output shape comes with it); every member shares x_q and its scales.
+  LinearInput in = prepare_linear(kt, x, 4 * members[0].P, members[0].bias_f, /*row_sums=*/true,
+                                /*quantize_if_empty=*/true);
+  std::vector<int64_t> out_shape = leading_shape(x);
+  out_shape.push_back(0);
+  for (size_t g = 0; g < G; ++g) {
+    GroupMember& mb = members[g];
+    out_shape.back() = 4 * mb.P;
+    mb.y = g == 0 ? in.y : float_output(x, out_shape);
+    mb.spec = in.spec;
+    mb.spec.out = mb.y.data_ptr();
+    mb.spec.ldo = 4 * mb.P;
+    mb.spec.w_scale = &mb.w_scale;
+    mb.spec.bias = mb.bias_f.defined() ? mb.bias_f.data_ptr<float>() : nullptr;
+  }
+  if (in.M > 0) {
+    if (in.M <= kDecodeMaxRows) {
+      // Decode: one parallel region over the packed-row chunks of all members, so the threads stream the
+      // weights back to back (one fork/join, no tail of a small matrix per member).
+      std::vector<int64_t> first_chunk(G + 1, 0);
+      for (size_t g = 0; g < G; ++g)
+        first_chunk[g + 1] = first_chunk[g] + (members[g].P + kTernaryTileP - 1) / kTernaryTileP;
+      at::parallel_for(0, first_chunk[G], 1, [&](int64_t c0, int64_t c1) {
+        size_t g = 0;
+        while (c0 < c1) {
+          while (first_chunk[g + 1] <= c0) ++g;
+          const GroupMember& mb = members[g];
+          const int64_t last = std::min(c1, first_chunk[g + 1]);
+          const int64_t p0 = (c0 - first_chunk[g]) * kTernaryTileP;
+          const int64_t p1 = std::min(mb.P, (last - first_chunk[g]) * kTernaryTileP);
+          kt.ternary_gemm(in.x_q.data(), in.lda, in.x_sum.data(), K, 0, in.M, mb.packed.data_ptr<uint8_t>(), mb.P,
+                          p0, p1, mb.spec);
+          c0 = last;
+        }
+      });
+    } else {
+      for (const GroupMember& mb : members)
+        run_ternary(kt, in.x_q.data(), in.lda, in.x_sum.data(), K, in.M, mb.packed.data_ptr<uint8_t>(), mb.P,
+                    mb.spec);
+    }
+  }
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(G);
+  for (const GroupMember& mb : members) outputs.push_back(finish_float_output(x, mb.y));
+  return outputs;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_pack_weight(const at::Tensor& w) {
@@ -364,6 +464,7 @@ TORCH_LIBRARY_IMPL(bitnet, CPU, m) {
   m.impl("quantize_activation", &bitnet_cpu::quantize_activation);
   m.impl("ternary_matmul", &bitnet_cpu::ternary_matmul);
   m.impl("ternary_linear", &bitnet_cpu::ternary_linear);
+  m.impl("ternary_linear_group", &bitnet_cpu::ternary_linear_group);
   m.impl("quantize_pack_weight", &bitnet_cpu::quantize_pack_weight);
   m.impl("int8_linear", &bitnet_cpu::int8_linear);
 }

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
@@ -308,6 +309,24 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   return finish_output(x, out, n);
 }
 
+//! The grouped projection (q/k/v, gate/up) on CUDA: one fused launch per member (the decode GEMV quantizes
+//! the activations inside its own launch, so sharing the quantization would save nothing there).
+std::vector<at::Tensor> ternary_linear_group_cuda(const at::Tensor& x, at::TensorList packed,
+                                                  at::TensorList weight_scale,
+                                                  const c10::List<std::optional<at::Tensor>>& bias) {
+  constexpr const char* op = "bitnet::ternary_linear_group";
+  TORCH_CHECK_VALUE(packed.size() >= 1, op, ": packed must hold at least one weight");
+  TORCH_CHECK_VALUE(weight_scale.size() == packed.size(), op, ": got ", packed.size(), " packed weights but ",
+                    weight_scale.size(), " weight scales");
+  TORCH_CHECK_VALUE(bias.size() == packed.size(), op, ": got ", packed.size(), " packed weights but ", bias.size(),
+                    " biases (use None)");
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(packed.size());
+  for (size_t g = 0; g < packed.size(); ++g)
+    outputs.push_back(ternary_linear_cuda(x, packed[g], weight_scale[g], bias.get(g)));
+  return outputs;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_pack_weight_cuda(const at::Tensor& w) {
   constexpr const char* op = "bitnet::quantize_pack_weight";
   TORCH_CHECK(w.is_cuda(), op, ": w must be a CUDA tensor, got device ", w.device());
@@ -335,6 +354,7 @@ TORCH_LIBRARY_IMPL(bitnet, CUDA, m) {
   m.impl("quantize_activation", &bitnet_cuda::quantize_activation_cuda);
   m.impl("ternary_matmul", &bitnet_cuda::ternary_matmul_cuda);
   m.impl("ternary_linear", &bitnet_cuda::ternary_linear_cuda);
+  m.impl("ternary_linear_group", &bitnet_cuda::ternary_linear_group_cuda);
   m.impl("quantize_pack_weight", &bitnet_cuda::quantize_pack_weight_cuda);
   m.impl("int8_linear", &bitnet_cuda::int8_linear_cuda);
 }
