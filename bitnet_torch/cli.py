@@ -480,7 +480,7 @@ def _benchmarks_dir(explicit: str | None) -> Path:
 #: Options that make a benchmark quick, used when its ``--help`` shows them and it has no ``--quick``.
 _QUICK_FALLBACK = {
     "bench_generate": ["--shapes", "100m", "--no-int8-head-effect",
-                       "--variants", "ours", "ours_int8head", "hf_autobitlinear", "llama_bf16"],
+                       "--variants", "ours", "ours_int8head", "ours_compiled", "hf_autobitlinear", "llama_bf16"],
     "bench_linear": ["--shapes", "2560x2560,6912x2560", "--m", "1,128", "--repeats", "5", "--hf-repeats", "1"],
 }
 
