@@ -174,6 +174,31 @@ def _decode_blocks(step, token, cache, blocks: int, steps_per_block: int):
     return step_times, pairs
 
 
+def _generate_decode_s_per_token(
+    model, prompt, compiled: bool, short: int = 8, long: int = 40, repeats: int = 2
+) -> float:
+    """Decode time per token through ``model.generate()`` (greedy): (time(long) - time(short)) / (long - short).
+
+    The difference cancels the prefill and the fixed costs; ``ours_compiled`` passes ``compiled_decode_kwargs``
+    (already compiled by then: same cache length bucket, same shapes). Median over ``repeats`` pairs.
+    """
+    import torch
+
+    from bitnet_torch.models import compiled_decode_kwargs
+
+    def run(n: int) -> float:
+        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        if compiled:
+            kwargs.update(compiled_decode_kwargs(model, prompt, long))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, **kwargs)
+        return time.perf_counter() - start
+
+    run(short)  # warm-up (for the compiled variant: compiles generate()'s own decode step)
+    return statistics.median((run(long) - run(short)) / (long - short) for _ in range(repeats))
+
+
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -229,6 +254,8 @@ def run_worker(args: argparse.Namespace) -> None:
             first, cache = step(token, cache)
             token = first.logits[:, -1:].argmax(-1)
         step_times, pairs = _decode_blocks(step, token, cache, blocks, max(1, decode_tokens // blocks))
+    ours = args.variant in ("ours", "ours_int8head", "ours_compiled")
+    generate_s = _generate_decode_s_per_token(model, prompt, compiled) if ours else None
     rss_after = proc_status_bytes("VmRSS")
     from bitnet_torch import backend_info
 
@@ -247,6 +274,8 @@ def run_worker(args: argparse.Namespace) -> None:
         "decode_s_per_token_median": decode_s,
         "decode_tokens_per_s": 1.0 / decode_s,
         "decode_steps_timed": len(step_times),
+        "generate_decode_s_per_token": generate_s,
+        "generate_decode_tokens_per_s": None if generate_s is None else 1.0 / generate_s,
         "compile_s": compile_s,
         "weight_bytes_per_token": weight_bytes,
         "rss_model_bytes": rss_model,
@@ -440,6 +469,8 @@ def _print_run(r: dict) -> None:
         return
     limit = r["bandwidth_limit_s_per_token"]
     compile_note = f", compiled in {r['compile_s']:.0f} s" if r.get("compile_s") else ""
+    if r.get("generate_decode_s_per_token"):
+        compile_note += f"; through generate(): {r['generate_decode_s_per_token'] * 1e3:.1f} ms/tok"
     print(
         f"[{r['shape']:>5}] {r['variant']:<17} prefill {PROMPT_LEN} tok {r['prefill_s_median'] * 1e3:8.1f} ms "
         f"({r['prefill_tokens_per_s']:7.1f} tok/s) | decode {r['decode_s_per_token_median'] * 1e3:8.1f} ms/tok "
