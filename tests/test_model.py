@@ -281,6 +281,29 @@ def test_grouped_projections_equal_separate_layer_calls(checkpoints, input_ids):
     assert torch.equal(grouped, separate)
 
 
+def test_global_forward_hooks_see_every_projection(checkpoints, input_ids):
+    model = BitNetForCausalLM.from_pretrained(checkpoints["packed"])
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.append(module) if isinstance(module, PackedBitLinear) else None
+    )
+    try:
+        _logits(model, input_ids)
+    finally:
+        handle.remove()
+    assert len(seen) == 7 * len(model.model.layers)
+
+
+def test_a_static_cache_too_short_for_the_request_is_refused_clearly(checkpoints):
+    from bitnet_torch.models import compiled_decode_kwargs
+
+    model = BitNetForCausalLM.from_pretrained(checkpoints["packed"])
+    prompt = torch.tensor([[1, 40, 41, 42, 43]])
+    kwargs = compiled_decode_kwargs(model, prompt, 4, bucket=16)  # 16 positions
+    with pytest.raises(ValueError, match=r"holds 16 positions but this generate\(\) call needs 35"):
+        model.generate(prompt, max_new_tokens=30, do_sample=False, **kwargs)
+
+
 @pytest.mark.parametrize("q_len", [1, 5])
 def test_cpu_gqa_attention_equals_transformers_sdpa(q_len):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

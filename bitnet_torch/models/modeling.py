@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, StaticCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bitnet import modeling_bitnet as hf_bitnet
 from transformers.utils.deprecation import deprecate_kwarg
@@ -87,6 +87,9 @@ def project_group(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.
     outputs are bit-identical to the separate calls. Anything else (BitLinear, LoRA-wrapped layers, hooks)
     is called layer by layer.
     """
+    module_hooks = torch.nn.modules.module
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return [layer(x) for layer in layers]  # global hooks expect to see every projection called
     groupable = all(
         type(layer) is PackedBitLinear
         and layer.rms_norm is None
@@ -227,6 +230,29 @@ def _fill_random_packed(layer: PackedBitLinear, std: float) -> None:
         layer.weight_scale.fill_(scale)
         if layer.bias is not None:
             layer.bias.zero_()
+
+
+def check_static_cache_capacity(model: nn.Module, inputs: torch.Tensor | None, kwargs: dict) -> None:
+    """Raise ``ValueError`` when a ``StaticCache`` in ``kwargs`` cannot hold prompt + new tokens of this call."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, StaticCache):
+        return
+    prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if prompt is None:
+        return
+    generation_config = kwargs.get("generation_config") or model.generation_config
+    max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+    if max_new_tokens is not None:
+        needed = prompt.shape[1] + max_new_tokens
+    else:
+        needed = kwargs.get("max_length", generation_config.max_length)
+    capacity = cache.get_max_length()
+    if needed is not None and capacity is not None and needed > capacity:
+        raise ValueError(
+            f"the static KV cache holds {capacity} positions but this generate() call needs {needed} "
+            f"(prompt {prompt.shape[1]} + new tokens); build it for at least that many, e.g. "
+            f"compiled_decode_kwargs(model, input_ids, max_new_tokens={needed - prompt.shape[1]})"
+        )
 
 
 class BitNetPreTrainedModel(hf_bitnet.BitNetPreTrainedModel):
@@ -398,6 +424,16 @@ class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM):
         self.post_init()
         if self.model.embed_tokens.weight.device.type != "meta":
             self._apply_int8_options()
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """Transformers' ``generate()``, refusing up front a static KV cache too short for the request.
+
+        A ``StaticCache`` passed as ``cache=`` (e.g. by :func:`~bitnet_torch.models.compiled_decode_kwargs`)
+        holds a fixed number of positions; writing past them fails deep inside a kernel with an index error,
+        so the prompt length plus ``max_new_tokens`` (or ``max_length``) is checked against it first.
+        """
+        check_static_cache_capacity(self, inputs, kwargs)
+        return super().generate(inputs, *args, **kwargs)
 
     def quantize_output_layers(self, lm_head: bool = True, embedding: bool = False) -> "BitNetForCausalLM":
         """Switch the output head (and optionally the input embedding) to int8 per row; returns ``self``.
