@@ -20,7 +20,7 @@ import torch
 
 from .packing import unpack_ternary
 
-__all__ = ["register_autograd_formulas"]
+__all__ = ["refuse_untracked_bias_gradients", "register_autograd_formulas"]
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -39,10 +39,14 @@ def _input_and_bias_grads(ctx: Any, grad: torch.Tensor, dequantized: torch.Tenso
     return grad_x, None, None, grad_bias
 
 
+def _dequantized_ternary(packed: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``W_t * mean|W|`` in fp32 from the packed codes and the one-element (multiply-convention) scale."""
+    return unpack_ternary(packed, validate=False).float() * weight_scale.float().reshape(())
+
+
 def _ternary_linear_backward(ctx: Any, grad: torch.Tensor):
     packed, weight_scale = ctx.saved_tensors
-    dequantized = unpack_ternary(packed, validate=False).float() * weight_scale.float().reshape(())
-    return _input_and_bias_grads(ctx, grad, dequantized)
+    return _input_and_bias_grads(ctx, grad, _dequantized_ternary(packed, weight_scale))
 
 
 def _int8_linear_backward(ctx: Any, grad: torch.Tensor):
@@ -51,15 +55,22 @@ def _int8_linear_backward(ctx: Any, grad: torch.Tensor):
     return _input_and_bias_grads(ctx, grad, dequantized)
 
 
-def _group_setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
-    x, packed, weight_scale, bias = inputs
-    # torch.library treats a bias list that holds a None as one opaque argument: it cannot carry gradients.
-    ctx.bias_is_tensor_list = all(b is not None for b in bias)
-    if not ctx.bias_is_tensor_list and any(b is not None and b.requires_grad for b in bias):
+def refuse_untracked_bias_gradients(bias: list[torch.Tensor | None]) -> None:
+    """Raise when a ``ternary_linear_group`` bias list mixes None with a tensor that requires grad.
+
+    torch.library treats a bias list holding a None as one opaque argument: it cannot carry gradients.
+    """
+    if None in bias and any(b is not None and b.requires_grad for b in bias):
         raise NotImplementedError(
             "ternary_linear_group: a bias that requires grad needs every member to have a bias (a list mixing "
             "None and tensors gets no gradient); call ternary_linear per member instead"
         )
+
+
+def _group_setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
+    x, packed, weight_scale, bias = inputs
+    refuse_untracked_bias_gradients(bias)
+    ctx.bias_is_tensor_list = None not in bias
     ctx.save_for_backward(*packed, *weight_scale)
     ctx.members = len(packed)
     ctx.x_shape = x.shape
@@ -77,8 +88,7 @@ def _ternary_linear_group_backward(ctx: Any, grads: list[torch.Tensor | None]):
             continue
         g = grad.reshape(-1, packed[i].shape[0] * 4).float()
         if ctx.needs_input_grad[0]:
-            dequantized = unpack_ternary(packed[i], validate=False).float() * weight_scale[i].float().reshape(())
-            term = g @ dequantized
+            term = g @ _dequantized_ternary(packed[i], weight_scale[i])
             grad_x = term if grad_x is None else grad_x + term
         if ctx.bias_dtypes[i] is not None:
             bias_grads[i] = g.sum(0).to(ctx.bias_dtypes[i])

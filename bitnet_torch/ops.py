@@ -36,7 +36,7 @@ import warnings
 import torch
 
 from . import _reference_ops
-from ._autograd import register_autograd_formulas
+from ._autograd import refuse_untracked_bias_gradients, register_autograd_formulas
 
 __all__ = [
     "OP_SCHEMAS",
@@ -224,12 +224,9 @@ def ternary_linear_group(
     """
     if bias is None:
         bias = [None] * len(packed)
-    elif torch.is_grad_enabled() and None in bias and any(b is not None and b.requires_grad for b in bias):
-        # torch.library sees a list mixing None and tensors as one opaque argument: it would get no gradient.
-        raise NotImplementedError(
-            "ternary_linear_group: a bias that requires grad needs every member to have a bias (a list mixing "
-            "None and tensors gets no gradient); call ternary_linear per member instead"
-        )
+    elif torch.is_grad_enabled():
+        # Also when x needs no gradient: then autograd never reaches the formula's own check.
+        refuse_untracked_bias_gradients(bias)
     return torch.ops.bitnet.ternary_linear_group(x, list(packed), list(weight_scale), list(bias))
 
 

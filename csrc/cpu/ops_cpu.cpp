@@ -65,12 +65,13 @@ bool is_float_input(const at::Tensor& t) {
   return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf || d == at::kDouble;
 }
 
-void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+//! `index` (e.g. "[2]" for a member of a tensor list) follows the argument name in the message.
+void check_cpu(const at::Tensor& t, const char* op, const char* name, const char* index = "") {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, index, " must be a CPU tensor, got device ", t.device());
 }
 
-void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(is_float_input(t), op, ": ", name,
+void check_float(const at::Tensor& t, const char* op, const char* name, const char* index = "") {
+  TORCH_CHECK_TYPE(is_float_input(t), op, ": ", name, index,
                    " must be a floating-point tensor (float32, bfloat16 or float16), got dtype ", t.scalar_type());
 }
 
@@ -270,35 +271,8 @@ at::Tensor ternary_matmul(const at::Tensor& x_q, const at::Tensor& packed) {
   return out;
 }
 
-at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_scale,
-                          const c10::optional<at::Tensor>& bias) {
-  constexpr const char* op = "bitnet::ternary_linear";
-  check_cpu(x, op, "x");
-  check_cpu(packed, op, "packed");
-  check_cpu(weight_scale, op, "weight_scale");
-  check_float(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (the feature dimension)");
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.dim() == 2, op, ": packed must be 2-D [N/4, K], got shape ", packed.sizes());
-  const int64_t K = x.size(-1), P = packed.size(0), N = 4 * P;
-  TORCH_CHECK_VALUE(packed.size(1) == K, op, ": K of x (", K, ") and packed (", packed.size(1), ") differ");
-  TORCH_CHECK_VALUE(K < kMaxTernaryK, op, ": K=", K, " exceeds the supported maximum ", kMaxTernaryK - 1);
-  check_float(weight_scale, op, "weight_scale");
-  TORCH_CHECK_VALUE(weight_scale.numel() == 1, op, ": weight_scale must hold one element, got shape ",
-                    weight_scale.sizes());
-  const at::Tensor bias_f = optional_bias(bias, N, op);
-  const KernelTable& kt = active_kernels();
-  LinearInput in = prepare_linear(kt, x, N, bias_f, /*row_sums=*/true);
-  if (in.M == 0 || N == 0) return finish_float_output(x, in.y);
-  const float w_scale = scalar_weight_scale(weight_scale);
-  in.spec.w_scale = &w_scale;
-  const at::Tensor pc = packed.contiguous();
-  run_ternary(kt, in.x_q.data(), in.lda, in.x_sum.data(), K, in.M, pc.data_ptr<uint8_t>(), P, in.spec);
-  return finish_float_output(x, in.y);
-}
-
-//! One weight of a ternary_linear_group call: its packed rows, scale and where its output goes.
-struct GroupMember {
+//! One packed ternary weight of a (grouped) ternary linear: its rows, scale and where its output goes.
+struct TernaryMember {
   at::Tensor packed;   //!< contiguous [P, K]
   at::Tensor bias_f;   //!< fp32 [N] or undefined
   at::Tensor y;        //!< [..., N]
@@ -307,44 +281,53 @@ struct GroupMember {
   OutputSpec spec;
 };
 
-std::vector<at::Tensor> ternary_linear_group(const at::Tensor& x, at::TensorList packed, at::TensorList weight_scale,
-                                             const c10::List<std::optional<at::Tensor>>& bias) {
-  constexpr const char* op = "bitnet::ternary_linear_group";
+//! Checks of the float input [..., K] of a ternary linear; returns K.
+int64_t check_ternary_input(const at::Tensor& x, const char* op) {
   check_cpu(x, op, "x");
   check_float(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (the feature dimension)");
-  const size_t G = packed.size();
-  TORCH_CHECK_VALUE(G >= 1, op, ": packed must hold at least one weight");
-  TORCH_CHECK_VALUE(weight_scale.size() == G, op, ": got ", G, " packed weights but ", weight_scale.size(),
-                    " weight scales");
-  TORCH_CHECK_VALUE(bias.size() == G, op, ": got ", G, " packed weights but ", bias.size(), " biases (use None)");
   const int64_t K = x.size(-1);
   TORCH_CHECK_VALUE(K < kMaxTernaryK, op, ": K=", K, " exceeds the supported maximum ", kMaxTernaryK - 1);
-  std::vector<GroupMember> members(G);
-  for (size_t g = 0; g < G; ++g) {
-    const at::Tensor& w = packed[g];
-    check_cpu(w, op, "packed");
-    check_cpu(weight_scale[g], op, "weight_scale");
-    TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": packed[", g, "] must be uint8, got ", w.scalar_type());
-    TORCH_CHECK_VALUE(w.dim() == 2, op, ": packed[", g, "] must be 2-D [N/4, K], got shape ", w.sizes());
-    TORCH_CHECK_VALUE(w.size(1) == K, op, ": K of x (", K, ") and packed[", g, "] (", w.size(1), ") differ");
-    check_float(weight_scale[g], op, "weight_scale");
-    TORCH_CHECK_VALUE(weight_scale[g].numel() == 1, op, ": weight_scale[", g, "] must hold one element, got shape ",
-                      weight_scale[g].sizes());
-    members[g].P = w.size(0);
-    members[g].packed = w.contiguous();
-    members[g].w_scale = scalar_weight_scale(weight_scale[g]);
-    const std::optional<at::Tensor> b = bias.get(g);
-    members[g].bias_f = optional_bias(b, 4 * members[g].P, op);
-  }
+  return K;
+}
+
+//! Checks one packed weight (with its scale and bias) against K and prepares it. `index` ("" or "[g]")
+//! follows the argument names in the error messages.
+TernaryMember ternary_member(const char* op, int64_t K, const at::Tensor& packed, const at::Tensor& weight_scale,
+                             const std::optional<at::Tensor>& bias, const char* index) {
+  check_cpu(packed, op, "packed", index);
+  check_cpu(weight_scale, op, "weight_scale", index);
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed", index, " must be uint8, got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 2, op, ": packed", index, " must be 2-D [N/4, K], got shape ", packed.sizes());
+  TORCH_CHECK_VALUE(packed.size(1) == K, op, ": K of x (", K, ") and packed", index, " (", packed.size(1),
+                    ") differ");
+  check_float(weight_scale, op, "weight_scale", index);
+  TORCH_CHECK_VALUE(weight_scale.numel() == 1, op, ": weight_scale", index, " must hold one element, got shape ",
+                    weight_scale.sizes());
+  TernaryMember member;
+  member.P = packed.size(0);
+  member.packed = packed.contiguous();
+  member.w_scale = scalar_weight_scale(weight_scale);
+  member.bias_f = optional_bias(bias, 4 * member.P, op);
+  return member;
+}
+
+//! x times every member's weight, x quantized once. Decode runs one parallel region over the packed-row
+//! chunks of all members, so the threads stream the weights back to back (one fork/join, no tail of a
+//! small matrix per member); prefill runs the members one after the other.
+std::vector<at::Tensor> run_ternary_members(const at::Tensor& x, std::vector<TernaryMember>& members) {
   const KernelTable& kt = active_kernels();
-  // Quantize x once (the first member's output shape comes with it); every member shares x_q and its scales.
+  const int64_t K = x.size(-1);
+  const size_t G = members.size();
+  const bool any_rows = std::any_of(members.begin(), members.end(), [](const TernaryMember& m) { return m.P > 0; });
+  // The first member's output comes with the quantized input; the others get theirs below.
   LinearInput in = prepare_linear(kt, x, 4 * members[0].P, members[0].bias_f, /*row_sums=*/true,
-                                /*quantize_if_empty=*/true);
+                                  /*quantize_if_empty=*/any_rows);
   std::vector<int64_t> out_shape = leading_shape(x);
   out_shape.push_back(0);
   for (size_t g = 0; g < G; ++g) {
-    GroupMember& mb = members[g];
+    TernaryMember& mb = members[g];
     out_shape.back() = 4 * mb.P;
     mb.y = g == 0 ? in.y : float_output(x, out_shape);
     mb.spec = in.spec;
@@ -353,10 +336,8 @@ std::vector<at::Tensor> ternary_linear_group(const at::Tensor& x, at::TensorList
     mb.spec.w_scale = &mb.w_scale;
     mb.spec.bias = mb.bias_f.defined() ? mb.bias_f.data_ptr<float>() : nullptr;
   }
-  if (in.M > 0) {
+  if (in.M > 0 && any_rows) {
     if (in.M <= kDecodeMaxRows) {
-      // Decode: one parallel region over the packed-row chunks of all members, so the threads stream the
-      // weights back to back (one fork/join, no tail of a small matrix per member).
       std::vector<int64_t> first_chunk(G + 1, 0);
       for (size_t g = 0; g < G; ++g)
         first_chunk[g + 1] = first_chunk[g] + (members[g].P + kTernaryTileP - 1) / kTernaryTileP;
@@ -364,7 +345,7 @@ std::vector<at::Tensor> ternary_linear_group(const at::Tensor& x, at::TensorList
         size_t g = 0;
         while (c0 < c1) {
           while (first_chunk[g + 1] <= c0) ++g;
-          const GroupMember& mb = members[g];
+          const TernaryMember& mb = members[g];
           const int64_t last = std::min(c1, first_chunk[g + 1]);
           const int64_t p0 = (c0 - first_chunk[g]) * kTernaryTileP;
           const int64_t p1 = std::min(mb.P, (last - first_chunk[g]) * kTernaryTileP);
@@ -374,15 +355,42 @@ std::vector<at::Tensor> ternary_linear_group(const at::Tensor& x, at::TensorList
         }
       });
     } else {
-      for (const GroupMember& mb : members)
+      for (const TernaryMember& mb : members)
         run_ternary(kt, in.x_q.data(), in.lda, in.x_sum.data(), K, in.M, mb.packed.data_ptr<uint8_t>(), mb.P,
                     mb.spec);
     }
   }
   std::vector<at::Tensor> outputs;
   outputs.reserve(G);
-  for (const GroupMember& mb : members) outputs.push_back(finish_float_output(x, mb.y));
+  for (const TernaryMember& mb : members) outputs.push_back(finish_float_output(x, mb.y));
   return outputs;
+}
+
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_scale,
+                          const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "bitnet::ternary_linear";
+  const int64_t K = check_ternary_input(x, op);
+  std::vector<TernaryMember> members;
+  members.push_back(ternary_member(op, K, packed, weight_scale, bias, ""));
+  return run_ternary_members(x, members)[0];
+}
+
+std::vector<at::Tensor> ternary_linear_group(const at::Tensor& x, at::TensorList packed, at::TensorList weight_scale,
+                                             const c10::List<std::optional<at::Tensor>>& bias) {
+  constexpr const char* op = "bitnet::ternary_linear_group";
+  const int64_t K = check_ternary_input(x, op);
+  const size_t G = packed.size();
+  TORCH_CHECK_VALUE(G >= 1, op, ": packed must hold at least one weight");
+  TORCH_CHECK_VALUE(weight_scale.size() == G, op, ": got ", G, " packed weights but ", weight_scale.size(),
+                    " weight scales");
+  TORCH_CHECK_VALUE(bias.size() == G, op, ": got ", G, " packed weights but ", bias.size(), " biases (use None)");
+  std::vector<TernaryMember> members;
+  members.reserve(G);
+  for (size_t g = 0; g < G; ++g) {
+    const std::string index = "[" + std::to_string(g) + "]";
+    members.push_back(ternary_member(op, K, packed[g], weight_scale[g], bias.get(g), index.c_str()));
+  }
+  return run_ternary_members(x, members);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_pack_weight(const at::Tensor& w) {
