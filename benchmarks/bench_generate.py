@@ -20,7 +20,8 @@ decode = one forward per token with the KV cache, median over the timed steps.
 
 Shapes: ``100m`` (12 layers, hidden 768) and ``2b4t`` (SPEC §4). Weights are random (timing does not
 depend on them). Memory bandwidth is measured in the same process before each block of timed decode steps
-(multi-threaded read of a 256 MiB tensor, best of 3) and each block's median step time is compared with
+(the fastest of several multi-threaded streaming reads of a 256 MiB tensor, best of 3 each:
+``memory_bandwidth.py``) and each block's median step time is compared with
 ``weight bytes read per token / bandwidth`` (the physical limit); the reported ratio is the median over the
 blocks (the bandwidth of a shared machine drifts). Resident memory is read from /proc/self/status after the
 model is built (and again after decoding: KV cache, compiled code).
@@ -77,17 +78,11 @@ def proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_bandwidth_gbs(mib: int = 256, repeats: int = 7) -> float:
-    """Best multi-threaded read bandwidth (GB/s): sum over a tensor far larger than the caches."""
-    import torch
+def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """The machine's read bandwidth now (GB/s): the fastest of memory_bandwidth.py's streaming-read probes."""
+    from memory_bandwidth import read_bandwidth_gbs
 
-    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best / 1e9
+    return read_bandwidth_gbs(mib * 2**20, repeats)[0]
 
 
 # ------------------------------------------------------------------------------------------------------

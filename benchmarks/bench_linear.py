@@ -189,20 +189,25 @@ def bench_quantizer(args, device: torch.device) -> dict[str, Any]:
 
 
 def measure_bandwidth(args, device: torch.device, nbytes: int = 512 * 2**20) -> dict[str, float]:
-    """Read bandwidth (sum of a large fp32 tensor) and copy bandwidth (bytes read + written), GB/s."""
+    """Read bandwidth (the fastest streaming-read probe of memory_bandwidth.py, every probe recorded) and copy
+    bandwidth (bytes read + written), GB/s."""
+    from memory_bandwidth import read_bandwidth_gbs
+
+    read, probes = read_bandwidth_gbs(nbytes, args.repeats, device)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    read_ms = median_ms(lambda: src.sum(), device, args.repeats)
     copy_ms = median_ms(lambda: dst.copy_(src), device, args.repeats)
     del src, dst
-    return {"read_GBps": nbytes / read_ms / 1e6, "copy_GBps": 2 * nbytes / copy_ms / 1e6}
+    return {"read_GBps": read, "copy_GBps": 2 * nbytes / copy_ms / 1e6,
+            **{f"read_{name}_GBps": value for name, value in probes.items()}}
 
 
 def bench_bandwidth(args, device: torch.device) -> dict[str, Any]:
     bandwidth = measure_bandwidth(args, device)
     # A GEMV only reads its weights: compare with the better of the read stream and the copy's combined traffic.
-    reference = max(bandwidth.values())
-    print(f"memory bandwidth: read {bandwidth['read_GBps']:.1f} GB/s, copy {bandwidth['copy_GBps']:.1f} GB/s")
+    reference = max(bandwidth["read_GBps"], bandwidth["copy_GBps"])
+    probes = ", ".join(f"{k[5:-5]} {v:.1f}" for k, v in bandwidth.items() if k.startswith("read_") and k != "read_GBps")
+    print(f"memory bandwidth: read {bandwidth['read_GBps']:.1f} GB/s ({probes}), copy {bandwidth['copy_GBps']:.1f} GB/s")
     results: dict[str, Any] = {"bandwidth": bandwidth, "gemv": []}
     with torch.inference_mode():
         n, k = BIG_TERNARY_SHAPE

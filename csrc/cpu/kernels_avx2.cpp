@@ -169,10 +169,13 @@ void ternary_decode(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_
   const int64_t K32 = K / 32 * 32;
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* row = packed + p * K;
+    // The next row of this thread, prefetched into L2 at the offset read now: one row ahead whatever K is.
+    const char* ahead = p + 1 < p1 ? reinterpret_cast<const char*>(row + K) : nullptr;
     __m256i acc[MT][4];
     for (int t = 0; t < MT; ++t)
       for (int i = 0; i < 4; ++i) acc[t][i] = _mm256_setzero_si256();
     for (int64_t k = 0; k < K32; k += 32) {
+      if (ahead != nullptr && k % 64 == 0) _mm_prefetch(ahead + k, _MM_HINT_T1);
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
       __m256i c[4];
       c[0] = _mm256_and_si256(b, low2);
@@ -266,10 +269,12 @@ void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t 
 
 // ---------------------------------------------------------------------------------------------- int8
 
+//! next_rows (or null): the NR rows this thread streams next, prefetched into L2 at the offset read now.
 template <int MT, int NR>
 inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n,
-                             const OutputSpec& out) {
+                             const OutputSpec& out, const int8_t* next_rows) {
   const __m256i ones16 = _mm256_set1_epi16(1);
+  const char* ahead = reinterpret_cast<const char*>(next_rows);
   const int64_t K32 = K / 32 * 32;
   __m256i acc[NR][MT];
   for (int r = 0; r < NR; ++r)
@@ -277,6 +282,8 @@ inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t 
   for (int64_t k = 0; k < K32; k += 32) {
     __m256i xv[MT];
     for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_q + (m0 + t) * lda + k));
+    if (ahead != nullptr && k % 64 == 0)
+      for (int r = 0; r < NR; ++r) _mm_prefetch(ahead + r * K + k, _MM_HINT_T1);
     for (int r = 0; r < NR; ++r) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + k));
       const __m256i wa = _mm256_abs_epi8(wv);
@@ -298,9 +305,12 @@ inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t 
 template <int MT>
 void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n0, int64_t n1,
                  const OutputSpec& out) {
+  auto next_group = [&](int64_t first, int64_t rows) -> const int8_t* {
+    return first + rows <= n1 ? w + first * K : nullptr;
+  };
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) int8_decode_rows<MT, 2>(x_q, lda, K, m0, w, n, out);
-  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out);
+  for (; n + 2 <= n1; n += 2) int8_decode_rows<MT, 2>(x_q, lda, K, m0, w, n, out, next_group(n + 2, 2));
+  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out, next_group(n + 1, 1));
 }
 
 template <int MR>

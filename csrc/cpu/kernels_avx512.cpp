@@ -416,14 +416,19 @@ void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t 
 
 //! Decode: MT <= 4 tokens x NR <= 4 weight rows at a time, each weight byte streamed once. The activations
 //! enter as x + 128 (unsigned); 128 * sum_k w[n, k] comes from a vpdpbusd against ones in the same pass.
+//! next_rows (or null): the NR rows this thread streams next, prefetched into L2 at the offset being read now
+//! (one row group ahead whatever K is, as in the ternary decode).
 template <int MT, int NR>
 inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n,
-                             const OutputSpec& out) {
+                             const OutputSpec& out, const int8_t* next_rows) {
   static_assert(MT <= 4 && NR <= 4, "at most 4 tokens x 4 rows");
   const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
   BN_I8_ACC(0) BN_I8_ACC(1) BN_I8_ACC(2) BN_I8_ACC(3)
+  const char* ahead = reinterpret_cast<const char*>(next_rows);
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = tail_mask64(K - k);
+    if (ahead != nullptr)
+      for (int j = 0; j < NR; ++j) _mm_prefetch(ahead + j * K + k, _MM_HINT_T1);
     const __m512i xv0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, x_q + m0 * lda + k), flip);
     const __m512i xv1 = MT > 1 ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, x_q + (m0 + 1) * lda + k), flip) : zero;
     const __m512i xv2 = MT > 2 ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, x_q + (m0 + 2) * lda + k), flip) : zero;
@@ -440,9 +445,12 @@ template <int MT>
 void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n0, int64_t n1,
                  const OutputSpec& out) {
   constexpr int NR = MT <= 2 ? 4 : 2;
+  auto next_group = [&](int64_t first, int64_t rows) -> const int8_t* {
+    return first + rows <= n1 ? w + first * K : nullptr;
+  };
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) int8_decode_rows<MT, NR>(x_q, lda, K, m0, w, n, out);
-  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out);
+  for (; n + NR <= n1; n += NR) int8_decode_rows<MT, NR>(x_q, lda, K, m0, w, n, out, next_group(n + NR, NR));
+  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out, next_group(n + 1, 1));
 }
 
 #define BN_I8M_STEP(r)                                                   \

@@ -24,11 +24,13 @@ namespace {
 
 //! Weight rows per block.
 constexpr int kRows = 4;
-//! Bytes ahead of the current position that the weight streams are prefetched (0: hardware prefetch only).
-#ifndef BITNET_GEMV_PREFETCH_BYTES
-#define BITNET_GEMV_PREFETCH_BYTES 1024
-#endif
-constexpr int64_t kPrefetchBytes = BITNET_GEMV_PREFETCH_BYTES;
+//! Weight prefetch: the first token block of a row group prefetches the next row group of the same thread
+//! into L2, at the offset it is reading now, so the prefetches stay one row group ahead whatever K is (a fixed
+//! distance is wrong for some K, and the L2 streamer alone keeps too few misses in flight for a GEMV).
+//! Returns the byte address of the next group's rows (row stride K * elem), or null when none follows.
+inline const char* next_row_group(const FloatGemvArgs& a, int64_t n, int R, int64_t n_end, int64_t elem) {
+  return n + 2 * R <= n_end ? static_cast<const char*>(a.w) + (n + R) * a.K * elem : nullptr;
+}
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = uint32_t(bits) << 16;
@@ -131,10 +133,9 @@ inline float scalar_w(const void* w, int64_t offset) {
 
 //! Rows [n, n + R) x tokens [m0, m0 + MB).
 template <bool WBF16, int R, int MB>
-void avx2_block(const FloatGemvArgs& a, int64_t n, int64_t m0) {
+void avx2_block(const FloatGemvArgs& a, int64_t n, int64_t m0, const char* ahead) {
   const int64_t K = a.K;
   const int64_t elem = WBF16 ? 2 : 4;
-  const char* wbytes = static_cast<const char*>(a.w) + n * K * elem;
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -142,7 +143,7 @@ void avx2_block(const FloatGemvArgs& a, int64_t n, int64_t m0) {
   for (; k + 8 <= K; k += 8) {
     __m256 wv[R];
     for (int r = 0; r < R; ++r) {
-      if (kPrefetchBytes > 0) _mm_prefetch(wbytes + (r * K + k) * elem + kPrefetchBytes, _MM_HINT_T0);
+      if (ahead != nullptr && (k * elem) % 64 == 0) _mm_prefetch(ahead + (r * K + k) * elem, _MM_HINT_T1);
       wv[r] = avx2_load_w<WBF16>(a.w, (n + r) * K + k);
     }
     for (int m = 0; m < MB; ++m) {
@@ -160,19 +161,21 @@ void avx2_block(const FloatGemvArgs& a, int64_t n, int64_t m0) {
 }
 
 template <bool WBF16, int R>
-void avx2_tokens(const FloatGemvArgs& a, int64_t n) {
+void avx2_tokens(const FloatGemvArgs& a, int64_t n, const char* ahead) {
   constexpr int kTokens = 2;  // 16 ymm registers: 4 rows x 2 tokens accumulators + 4 weights + x
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokens) {
-    if (a.M - m0 >= 2) avx2_block<WBF16, R, 2>(a, n, m0);
-    else avx2_block<WBF16, R, 1>(a, n, m0);
+    const char* prefetch = m0 == 0 ? ahead : nullptr;  // later token blocks re-read the rows from cache
+    if (a.M - m0 >= 2) avx2_block<WBF16, R, 2>(a, n, m0, prefetch);
+    else avx2_block<WBF16, R, 1>(a, n, m0, prefetch);
   }
 }
 
 template <bool WBF16>
 void avx2_rows_typed(const FloatGemvArgs& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) avx2_tokens<WBF16, kRows>(a, n);
-  for (; n < n1; ++n) avx2_tokens<WBF16, 1>(a, n);
+  const int64_t elem = WBF16 ? 2 : 4;
+  for (; n + kRows <= n1; n += kRows) avx2_tokens<WBF16, kRows>(a, n, next_row_group(a, n, kRows, n1, elem));
+  for (; n < n1; ++n) avx2_tokens<WBF16, 1>(a, n, next_row_group(a, n, 1, n1, elem));
 }
 
 void avx2_rows(const FloatGemvArgs& a, int64_t n0, int64_t n1) {
@@ -227,17 +230,16 @@ inline void avx512_step(const FloatGemvArgs& a, int64_t n, int64_t m0, int64_t k
 }
 
 template <bool WBF16, int R, int MB>
-void avx512_block(const FloatGemvArgs& a, int64_t n, int64_t m0) {
+void avx512_block(const FloatGemvArgs& a, int64_t n, int64_t m0, const char* ahead) {
   const int64_t K = a.K;
   const int64_t elem = WBF16 ? 2 : 4;
-  const char* wbytes = static_cast<const char*>(a.w) + n * K * elem;
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    if (WBF16 ? (k % 32 == 0) : true)
-      for (int r = 0; r < R; ++r) if (kPrefetchBytes > 0) _mm_prefetch(wbytes + (r * K + k) * elem + kPrefetchBytes, _MM_HINT_T0);
+    if (ahead != nullptr && (WBF16 ? (k % 32 == 0) : true))
+      for (int r = 0; r < R; ++r) _mm_prefetch(ahead + (r * K + k) * elem, _MM_HINT_T1);
     avx512_step<WBF16, R, MB>(a, n, m0, k, __mmask16(0xFFFF), acc);
   }
   if (k < K) avx512_step<WBF16, R, MB>(a, n, m0, k, __mmask16((1u << (K - k)) - 1), acc);
@@ -249,14 +251,15 @@ void avx512_block(const FloatGemvArgs& a, int64_t n, int64_t m0) {
 }
 
 template <bool WBF16, int R>
-void avx512_tokens(const FloatGemvArgs& a, int64_t n) {
+void avx512_tokens(const FloatGemvArgs& a, int64_t n, const char* ahead) {
   constexpr int kTokens = 4;  // 4 rows x 4 tokens = 16 zmm accumulators
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokens) {
+    const char* prefetch = m0 == 0 ? ahead : nullptr;  // later token blocks re-read the rows from cache
     switch (std::min<int64_t>(kTokens, a.M - m0)) {
-      case 4: avx512_block<WBF16, R, 4>(a, n, m0); break;
-      case 3: avx512_block<WBF16, R, 3>(a, n, m0); break;
-      case 2: avx512_block<WBF16, R, 2>(a, n, m0); break;
-      default: avx512_block<WBF16, R, 1>(a, n, m0); break;
+      case 4: avx512_block<WBF16, R, 4>(a, n, m0, prefetch); break;
+      case 3: avx512_block<WBF16, R, 3>(a, n, m0, prefetch); break;
+      case 2: avx512_block<WBF16, R, 2>(a, n, m0, prefetch); break;
+      default: avx512_block<WBF16, R, 1>(a, n, m0, prefetch); break;
     }
   }
 }
@@ -264,8 +267,9 @@ void avx512_tokens(const FloatGemvArgs& a, int64_t n) {
 template <bool WBF16>
 void avx512_rows_typed(const FloatGemvArgs& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) avx512_tokens<WBF16, kRows>(a, n);
-  for (; n < n1; ++n) avx512_tokens<WBF16, 1>(a, n);
+  const int64_t elem = WBF16 ? 2 : 4;
+  for (; n + kRows <= n1; n += kRows) avx512_tokens<WBF16, kRows>(a, n, next_row_group(a, n, kRows, n1, elem));
+  for (; n < n1; ++n) avx512_tokens<WBF16, 1>(a, n, next_row_group(a, n, 1, n1, elem));
 }
 
 void avx512_rows(const FloatGemvArgs& a, int64_t n0, int64_t n1) {
@@ -308,15 +312,15 @@ inline void bf16_step(const FloatGemvArgs& a, int64_t n, int64_t m0, int64_t k, 
 }
 
 template <int R, int MB>
-void bf16_block(const FloatGemvArgs& a, int64_t n, int64_t m0) {
+void bf16_block(const FloatGemvArgs& a, int64_t n, int64_t m0, const char* ahead) {
   const int64_t K = a.K;
-  const char* wbytes = reinterpret_cast<const char*>(static_cast<const uint16_t*>(a.w) + n * K);
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    for (int r = 0; r < R; ++r) if (kPrefetchBytes > 0) _mm_prefetch(wbytes + (r * K + k) * 2 + kPrefetchBytes, _MM_HINT_T0);
+    if (ahead != nullptr)
+      for (int r = 0; r < R; ++r) _mm_prefetch(ahead + (r * K + k) * 2, _MM_HINT_T1);
     bf16_step<R, MB>(a, n, m0, k, __mmask32(0xFFFFFFFFu), acc);
   }
   if (k < K) bf16_step<R, MB>(a, n, m0, k, __mmask32((1u << (K - k)) - 1), acc);
@@ -328,22 +332,23 @@ void bf16_block(const FloatGemvArgs& a, int64_t n, int64_t m0) {
 }
 
 template <int R>
-void bf16_tokens(const FloatGemvArgs& a, int64_t n) {
+void bf16_tokens(const FloatGemvArgs& a, int64_t n, const char* ahead) {
   constexpr int kTokens = 4;
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokens) {
+    const char* prefetch = m0 == 0 ? ahead : nullptr;  // later token blocks re-read the rows from cache
     switch (std::min<int64_t>(kTokens, a.M - m0)) {
-      case 4: bf16_block<R, 4>(a, n, m0); break;
-      case 3: bf16_block<R, 3>(a, n, m0); break;
-      case 2: bf16_block<R, 2>(a, n, m0); break;
-      default: bf16_block<R, 1>(a, n, m0); break;
+      case 4: bf16_block<R, 4>(a, n, m0, prefetch); break;
+      case 3: bf16_block<R, 3>(a, n, m0, prefetch); break;
+      case 2: bf16_block<R, 2>(a, n, m0, prefetch); break;
+      default: bf16_block<R, 1>(a, n, m0, prefetch); break;
     }
   }
 }
 
 void bf16_rows(const FloatGemvArgs& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) bf16_tokens<kRows>(a, n);
-  for (; n < n1; ++n) bf16_tokens<1>(a, n);
+  for (; n + kRows <= n1; n += kRows) bf16_tokens<kRows>(a, n, next_row_group(a, n, kRows, n1, 2));
+  for (; n < n1; ++n) bf16_tokens<1>(a, n, next_row_group(a, n, 1, n1, 2));
 }
 
 }  // namespace
