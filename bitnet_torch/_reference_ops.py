@@ -23,6 +23,7 @@ __all__ = [
     "quantize_pack_weight",
     "int8_linear",
     "float_linear",
+    "decode_attention",
 ]
 
 
@@ -128,3 +129,12 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"bitnet::float_linear: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Grouped-query attention of q ``[B, Hq, L, D]`` against k/v ``[B, Hkv, S, D]``: SDPA with ``enable_gqa``."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )

@@ -22,6 +22,13 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
     float ``[..., K]`` × bf16/fp32 ``[N, K]`` → ``F.linear`` with fp32 accumulation, ``[..., N]`` in ``x.dtype``
     (the float ``lm_head``; the CPU kernel streams the weight at memory bandwidth for decode, M <= 8 tokens).
     CPU only: CUDA tensors use the reference (registered below), which is ``F.linear`` in fp32.
+``decode_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor``
+    ``F.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=True)`` bit for bit, no dropout,
+    not causal (the mask says it all): q ``[B, Hq, L, D]``, k/v ``[B, Hkv, S, D]`` (``Hq`` a multiple of
+    ``Hkv``), mask bool (True = attend) or additive in q's dtype, ``[B|1, Hq|1, L|1, S]``. For decoding from a
+    KV cache: the CPU kernel skips the cache positions no query may attend (a static cache's unused tail) and,
+    for one query token, attends each KV head once with its query heads as rows. No autograd formula
+    (inference only). CUDA tensors use the reference.
 
 The schemas are declared in C++ (``csrc/ops.cpp``) when the extension is available; otherwise this
 module declares the same schemas from Python and registers the reference implementation, after logging
@@ -47,6 +54,7 @@ __all__ = [
     "quantize_pack_weight",
     "int8_linear",
     "float_linear",
+    "decode_attention",
     "extension_loaded",
     "extension_error",
 ]
@@ -64,11 +72,12 @@ OP_SCHEMAS: dict[str, str] = {
     "quantize_pack_weight": "quantize_pack_weight(Tensor w) -> (Tensor, Tensor)",
     "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
     "float_linear": "float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    "decode_attention": "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor",
 }
 
 #: Ops that no backend implements for CUDA by design: the reference registered for CUDA tensors is their
 #: intended CUDA implementation, so it does not mean "the compiled CUDA kernels are missing".
-_REFERENCE_ON_CUDA = frozenset({"float_linear"})
+_REFERENCE_ON_CUDA = frozenset({"float_linear", "decode_attention"})
 
 _extension_error: str | None = None
 _fallback_library: torch.library.Library | None = None
@@ -160,6 +169,12 @@ def _register_fakes() -> None:
         torch._check(x.shape[-1] == weight.shape[1], lambda: "float_linear: K of x and weight differ")
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
+    @torch.library.register_fake("bitnet::decode_attention")
+    def _(q, k, v, attn_mask, scale):
+        torch._check(q.dim() == 4 and k.dim() == 4, lambda: "decode_attention: q and k must be 4-D")
+        torch._check(q.shape[1] % k.shape[1] == 0, lambda: "decode_attention: Hq must be a multiple of Hkv")
+        return q.new_empty(q.shape[:3] + (v.shape[3],))
+
 
 def _initialise() -> None:
     global _extension_error
@@ -245,3 +260,11 @@ def int8_linear(
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with fp32 accumulation for a bf16/fp32 weight; output in ``x.dtype`` (no autograd formula)."""
     return torch.ops.bitnet.float_linear(x, weight, bias)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Grouped-query SDPA of a few query tokens against a KV cache (``F.scaled_dot_product_attention`` with
+    ``enable_gqa=True``, bit for bit), skipping the cache positions no query may attend. Inference only."""
+    return torch.ops.bitnet.decode_attention(q, k, v, attn_mask, float(scale))

@@ -395,6 +395,10 @@ def _opcheck_cases():
         "quantize_pack_weight": (torch.randn(8, 40),),
         "int8_linear": (x, torch.randint(-128, 128, (6, 40), dtype=torch.int8), torch.rand(6), None),
         "float_linear": (x, torch.randn(6, 40, dtype=torch.bfloat16), torch.randn(6)),
+        "decode_attention": (  # more cases in test_decode_attention.py
+            torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16),
+            torch.arange(9).view(1, 1, 1, 9) < 6, 0.25,
+        ),
     }
 
 

@@ -5,7 +5,8 @@ always under ``torch.compile``), expands K and V to every query head (``repeat_k
 For decode with a static cache that copies the whole cache (4x its size for BitNet 2B-4T's 20 query / 5 KV
 heads) in every layer, every token: about 3x the time of the attention itself. On CPU, SDPA's flash kernel
 supports grouped queries with a mask (``enable_gqa=True``) and gives the same numbers, so that is what
-:func:`attend` calls there; every other case goes to the configured Transformers attention function.
+:func:`attend` calls there (through ``bitnet::decode_attention`` for a decode step, which also skips the
+unused tail of a static cache); every other case goes to the configured Transformers attention function.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bitnet import modeling_bitnet as hf_bitnet
+
+from .. import ops
 
 __all__ = ["attend"]
 
@@ -33,6 +36,19 @@ def _cpu_gqa_sdpa_applies(module: nn.Module, query: torch.Tensor, key: torch.Ten
     )
 
 
+def _decode_attention_applies(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
+) -> bool:
+    """Whether one decode step's attention can go to ``bitnet::decode_attention`` (inference, a 4-D mask)."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    mask_ok = attention_mask is None or (
+        attention_mask.dim() == 4
+        and attention_mask.shape[-1] == key.shape[2]
+        and (attention_mask.dtype == torch.bool or attention_mask.dtype == query.dtype)
+    )
+    return dropout == 0.0 and not needs_grad and mask_ok
+
+
 def _cpu_gqa_sdpa(
     module: nn.Module,
     query: torch.Tensor,
@@ -43,8 +59,14 @@ def _cpu_gqa_sdpa(
     scaling: float,
     is_causal: bool | None = None,
 ) -> torch.Tensor:
-    """Transformers' ``sdpa_attention_forward`` (same causal rule, same static-cache prefill crop) with GQA in SDPA."""
+    """Transformers' ``sdpa_attention_forward`` (same causal rule, same static-cache prefill crop) with GQA in SDPA.
+
+    A decode step (one query token, inference) goes to ``bitnet::decode_attention``: the same SDPA, without the
+    unused tail of a static cache and with each KV head read once for its whole group of query heads.
+    """
     q_length = query.shape[2]
+    if q_length == 1 and _decode_attention_applies(query, key, value, attention_mask, dropout):
+        return ops.decode_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous()
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = q_length > 1 and attention_mask is None and is_causal
     if is_causal and key.shape[2] > q_length:  # prefill into an empty static cache: attend to the prompt only
