@@ -24,6 +24,7 @@ __all__ = [
     "int8_linear",
     "float_linear",
     "decode_attention",
+    "rms_norm",
 ]
 
 
@@ -138,3 +139,10 @@ def decode_attention(
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Transformers' ``BitNetRMSNorm``: normalise in fp32, cast back to ``x.dtype``, then apply the gain."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)

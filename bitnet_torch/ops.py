@@ -29,6 +29,10 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
     KV cache: the CPU kernel skips the cache positions no query may attend (a static cache's unused tail) and,
     for one query token, attends each KV head once with its query heads as rows. No autograd formula
     (inference only). CUDA tensors use the reference.
+``rms_norm(Tensor x, Tensor weight, float eps) -> Tensor``
+    BitNet's RMSNorm, ``weight * (x32 * rsqrt(mean(x32**2) + eps)).to(x.dtype)`` (Transformers'
+    ``BitNetRMSNorm``), in one pass per row; equal to that composite up to the order of the fp32 sum of squares.
+    No autograd formula (inference only). CUDA tensors use the reference.
 
 The schemas are declared in C++ (``csrc/ops.cpp``) when the extension is available; otherwise this
 module declares the same schemas from Python and registers the reference implementation, after logging
@@ -55,6 +59,7 @@ __all__ = [
     "int8_linear",
     "float_linear",
     "decode_attention",
+    "rms_norm",
     "extension_loaded",
     "extension_error",
 ]
@@ -73,11 +78,12 @@ OP_SCHEMAS: dict[str, str] = {
     "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
     "float_linear": "float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "decode_attention": "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor",
+    "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
 }
 
 #: Ops that no backend implements for CUDA by design: the reference registered for CUDA tensors is their
 #: intended CUDA implementation, so it does not mean "the compiled CUDA kernels are missing".
-_REFERENCE_ON_CUDA = frozenset({"float_linear", "decode_attention"})
+_REFERENCE_ON_CUDA = frozenset({"float_linear", "decode_attention", "rms_norm"})
 
 _extension_error: str | None = None
 _fallback_library: torch.library.Library | None = None
@@ -175,6 +181,11 @@ def _register_fakes() -> None:
         torch._check(q.shape[1] % k.shape[1] == 0, lambda: "decode_attention: Hq must be a multiple of Hkv")
         return q.new_empty(q.shape[:3] + (v.shape[3],))
 
+    @torch.library.register_fake("bitnet::rms_norm")
+    def _(x, weight, eps):
+        torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1], lambda: "rms_norm: weight must be [hidden]")
+        return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
 
 def _initialise() -> None:
     global _extension_error
@@ -268,3 +279,8 @@ def decode_attention(
     """Grouped-query SDPA of a few query tokens against a KV cache (``F.scaled_dot_product_attention`` with
     ``enable_gqa=True``, bit for bit), skipping the cache positions no query may attend. Inference only."""
     return torch.ops.bitnet.decode_attention(q, k, v, attn_mask, float(scale))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """BitNet's RMSNorm (Transformers' ``BitNetRMSNorm`` arithmetic) in one pass per row. Inference only."""
+    return torch.ops.bitnet.rms_norm(x, weight, float(eps))

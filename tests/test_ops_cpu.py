@@ -399,6 +399,7 @@ def _opcheck_cases():
             torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16),
             torch.arange(9).view(1, 1, 1, 9) < 6, 0.25,
         ),
+        "rms_norm": (x, torch.rand(40), 1e-6),  # more cases in test_rms_norm.py
     }
 
 
