@@ -33,6 +33,9 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
     BitNet's RMSNorm, ``weight * (x32 * rsqrt(mean(x32**2) + eps)).to(x.dtype)`` (Transformers'
     ``BitNetRMSNorm``), in one pass per row; equal to that composite up to the order of the fp32 sum of squares.
     No autograd formula (inference only). CUDA tensors use the reference.
+``rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)``
+    Transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (q/k ``[B, H, L, D]``, cos/sin ``[B|1, L, D]``, one
+    dtype), bit for bit, in one pass. No autograd formula (inference only). CUDA tensors use the reference.
 
 The schemas are declared in C++ (``csrc/ops.cpp``) when the extension is available; otherwise this
 module declares the same schemas from Python and registers the reference implementation, after logging
@@ -60,6 +63,7 @@ __all__ = [
     "float_linear",
     "decode_attention",
     "rms_norm",
+    "rotary_embedding",
     "extension_loaded",
     "extension_error",
 ]
@@ -79,11 +83,12 @@ OP_SCHEMAS: dict[str, str] = {
     "float_linear": "float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "decode_attention": "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor",
     "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
+    "rotary_embedding": "rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)",
 }
 
 #: Ops that no backend implements for CUDA by design: the reference registered for CUDA tensors is their
 #: intended CUDA implementation, so it does not mean "the compiled CUDA kernels are missing".
-_REFERENCE_ON_CUDA = frozenset({"float_linear", "decode_attention", "rms_norm"})
+_REFERENCE_ON_CUDA = frozenset({"float_linear", "decode_attention", "rms_norm", "rotary_embedding"})
 
 _extension_error: str | None = None
 _fallback_library: torch.library.Library | None = None
@@ -186,6 +191,11 @@ def _register_fakes() -> None:
         torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1], lambda: "rms_norm: weight must be [hidden]")
         return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
+    @torch.library.register_fake("bitnet::rotary_embedding")
+    def _(q, k, cos, sin):
+        torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rotary_embedding: q and k must be 4-D")
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
 
 def _initialise() -> None:
     global _extension_error
@@ -284,3 +294,10 @@ def decode_attention(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """BitNet's RMSNorm (Transformers' ``BitNetRMSNorm`` arithmetic) in one pass per row. Inference only."""
     return torch.ops.bitnet.rms_norm(x, weight, float(eps))
+
+
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transformers' ``apply_rotary_pos_emb`` (bit for bit) in one pass. Inference only."""
+    return torch.ops.bitnet.rotary_embedding(q, k, cos, sin)

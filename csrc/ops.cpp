@@ -8,7 +8,8 @@
 // float_linear (the float lm_head, csrc/cpu/ops_cpu_float.cpp) has its own path selector with the same
 // conventions: _float_gemv_isa(request) ("scalar", "avx2", "avx512", "avx512_bf16") / _float_gemv_isa_available().
 // decode_attention (csrc/cpu/ops_cpu_attention.cpp) is SDPA with grouped-query support for decoding from a KV cache;
-// rms_norm (csrc/cpu/ops_cpu_norm.cpp) is BitNet's RMSNorm in one pass per row.
+// rms_norm (csrc/cpu/ops_cpu_norm.cpp) is BitNet's RMSNorm in one pass per row; rotary_embedding
+// (csrc/cpu/ops_cpu_rotary.cpp) is Transformers' apply_rotary_pos_emb in one pass.
 #include <torch/library.h>
 
 TORCH_LIBRARY(bitnet, m) {
@@ -21,6 +22,7 @@ TORCH_LIBRARY(bitnet, m) {
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("_cpu_isa(str request) -> str");
   m.def("_cpu_isa_available() -> str[]");
   m.def("_float_gemv_isa(str request) -> str");

@@ -400,6 +400,9 @@ def _opcheck_cases():
             torch.arange(9).view(1, 1, 1, 9) < 6, 0.25,
         ),
         "rms_norm": (x, torch.rand(40), 1e-6),  # more cases in test_rms_norm.py
+        "rotary_embedding": (  # more cases in test_rotary.py
+            torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8),
+        ),
     }
 
 

@@ -34,7 +34,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .. import ops
 from ..nn import BitLinear, FastLinear, Int8Embedding, Int8Linear, PackedBitLinear, RMSNorm
 from ..packing import VALUES_PER_BYTE
-from .attention import attend
+from .attention import apply_rotary, attend
 from .configuration import BitNetConfig
 
 __all__ = [
@@ -150,7 +150,7 @@ class BitNetAttention(hf_bitnet.BitNetAttention):
         value_states = value.view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
-        query_states, key_states = hf_bitnet.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        query_states, key_states = apply_rotary(query_states, key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
