@@ -20,7 +20,12 @@ import torch
 
 from .packing import unpack_ternary
 
-__all__ = ["refuse_untracked_bias_gradients", "register_autograd_formulas"]
+__all__ = ["records_autograd", "refuse_untracked_bias_gradients", "register_autograd_formulas"]
+
+
+def records_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors (grad mode on and one of them requires a gradient)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:

@@ -149,14 +149,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rotary_embedding(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transformers' ``apply_rotary_pos_emb``: cos/sin ``[B|1, L, D]`` broadcast over the heads of q and k."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+    """Transformers' ``apply_rotary_pos_emb`` itself: cos/sin ``[B|1, L, D]`` broadcast over the heads of q and k."""
+    from transformers.models.bitnet.modeling_bitnet import apply_rotary_pos_emb  # the definition; heavy to import
+
+    return apply_rotary_pos_emb(q, k, cos, sin)

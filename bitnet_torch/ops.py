@@ -50,7 +50,7 @@ import warnings
 import torch
 
 from . import _reference_ops
-from ._autograd import refuse_untracked_bias_gradients, register_autograd_formulas
+from ._autograd import records_autograd, refuse_untracked_bias_gradients, register_autograd_formulas
 
 __all__ = [
     "OP_SCHEMAS",
@@ -64,6 +64,7 @@ __all__ = [
     "decode_attention",
     "rms_norm",
     "rotary_embedding",
+    "eager_cpu_inference",
     "extension_loaded",
     "extension_error",
 ]
@@ -221,6 +222,22 @@ def extension_loaded() -> bool:
 def _has_compiled_cuda_kernels() -> bool:
     """True when the loaded extension brings its own CUDA kernels (not the reference registered for CUDA)."""
     return extension_loaded() and _cuda_reference_library is None
+
+
+#: The dtypes of the fused inference ops (rms_norm, rotary_embedding).
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def eager_cpu_inference(*tensors: torch.Tensor) -> bool:
+    """Whether a call on these tensors is eager CPU inference that a fused op of the compiled extension can serve:
+    all on CPU in fp32/bf16/fp16, no autograd to record, not being traced by ``torch.compile`` (where Inductor
+    fuses the composite with its neighbours instead)."""
+    return (
+        extension_loaded()
+        and not torch.compiler.is_compiling()
+        and not records_autograd(*tensors)
+        and all(t.device.type == "cpu" and t.dtype in _FUSED_DTYPES for t in tensors)
+    )
 
 
 def extension_error() -> str | None:

@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bitnet import modeling_bitnet as hf_bitnet
 
 from .. import ops
+from .._autograd import records_autograd
 
 __all__ = ["attend", "apply_rotary"]
 
@@ -40,13 +41,12 @@ def _decode_attention_applies(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
 ) -> bool:
     """Whether one decode step's attention can go to ``bitnet::decode_attention`` (inference, a 4-D mask)."""
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     mask_ok = attention_mask is None or (
         attention_mask.dim() == 4
         and attention_mask.shape[-1] == key.shape[2]
         and (attention_mask.dtype == torch.bool or attention_mask.dtype == query.dtype)
     )
-    return dropout == 0.0 and not needs_grad and mask_ok
+    return dropout == 0.0 and not records_autograd(query, key, value) and mask_ok
 
 
 def _cpu_gqa_sdpa(
@@ -84,17 +84,12 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transformers' ``apply_rotary_pos_emb``; in eager CPU inference as one ``bitnet::rotary_embedding`` call
     (same bits, one op instead of fourteen); under ``torch.compile`` or with autograd, Transformers' function."""
-    fused = (
-        query.device.type == "cpu"
-        and ops.extension_loaded()
-        and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+    if (
+        ops.eager_cpu_inference(query, key, cos, sin)
         and query.dim() == 4
         and cos.dim() == 3
-        and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and query.dtype == key.dtype == cos.dtype == sin.dtype
-    )
-    if fused:
+    ):
         return ops.rotary_embedding(query, key, cos, sin)
     return hf_bitnet.apply_rotary_pos_emb(query, key, cos, sin)
 

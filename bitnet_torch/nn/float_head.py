@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._autograd import records_autograd
 
 __all__ = ["FastLinear"]
 
@@ -37,11 +38,7 @@ class FastLinear(nn.Linear):
             return False
         if weight.dtype not in _KERNEL_WEIGHT_DTYPES or torch.is_autocast_enabled("cpu"):
             return False
-        if torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        ):
-            return False
-        return True
+        return not records_autograd(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_applies(x):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _reference_ops, ops
 
 __all__ = ["RMSNorm"]
-
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class RMSNorm(nn.Module):
@@ -26,24 +24,11 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self._fused_applies(hidden_states):
+        # Eager CPU inference: one bitnet::rms_norm call instead of eight; training and torch.compile (where
+        # Inductor fuses the composite with its neighbours) keep the composite, the op's reference.
+        if ops.eager_cpu_inference(hidden_states, self.weight):
             return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
-        input_dtype = hidden_states.dtype
-        h = hidden_states.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(input_dtype)
-
-    def _fused_applies(self, hidden_states: torch.Tensor) -> bool:
-        """Eager CPU inference goes to ``bitnet::rms_norm`` (one call instead of eight); training and
-        ``torch.compile`` (where Inductor fuses the composite with its neighbours) keep the composite."""
-        return (
-            hidden_states.device.type == "cpu"
-            and ops.extension_loaded()
-            and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad))
-            and hidden_states.dtype in _FUSED_DTYPES
-            and self.weight.dtype in _FUSED_DTYPES
-        )
+        return _reference_ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

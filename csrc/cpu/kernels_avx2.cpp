@@ -20,6 +20,7 @@
 #include <new>
 
 #include "kernel_api.h"
+#include "prefetch.h"
 #include "scalar_common.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -169,8 +170,8 @@ void ternary_decode(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_
   const int64_t K32 = K / 32 * 32;
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* row = packed + p * K;
-    // The next row of this thread, prefetched into L2 at the offset read now: one row ahead whatever K is.
-    const char* ahead = p + 1 < p1 ? reinterpret_cast<const char*>(row + K) : nullptr;
+    // The next row of this thread, prefetched into L2 at the offset read now (prefetch.h).
+    const char* ahead = reinterpret_cast<const char*>(rows_ahead(packed, p + 1, 1, p1, K));
     __m256i acc[MT][4];
     for (int t = 0; t < MT; ++t)
       for (int i = 0; i < 4; ++i) acc[t][i] = _mm256_setzero_si256();
@@ -305,12 +306,9 @@ inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t 
 template <int MT>
 void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n0, int64_t n1,
                  const OutputSpec& out) {
-  auto next_group = [&](int64_t first, int64_t rows) -> const int8_t* {
-    return first + rows <= n1 ? w + first * K : nullptr;
-  };
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) int8_decode_rows<MT, 2>(x_q, lda, K, m0, w, n, out, next_group(n + 2, 2));
-  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out, next_group(n + 1, 1));
+  for (; n + 2 <= n1; n += 2) int8_decode_rows<MT, 2>(x_q, lda, K, m0, w, n, out, rows_ahead(w, n + 2, 2, n1, K));
+  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out, rows_ahead(w, n + 1, 1, n1, K));
 }
 
 template <int MR>

@@ -30,6 +30,7 @@
 #include <new>
 
 #include "kernel_api.h"
+#include "prefetch.h"
 #include "scalar_common.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -246,14 +247,13 @@ void ternary_decode_chunk(const int8_t* x_q, int64_t lda, const int32_t* x_sum, 
                           const OutputSpec& out) {
   constexpr int PR = MT == 1 ? 4 : MT == 2 ? 2 : 1;
   alignas(64) int32_t slot_sums[MT * 4 * kTernaryTileP];
-  auto next_group = [&](int64_t first, int64_t rows) -> const uint8_t* {
-    return prefetch && first + rows <= p_end ? packed + first * K : nullptr;
-  };
   int64_t r = 0;
   for (; r + PR <= np; r += PR)
-    ternary_decode_rows<MT, PR>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4, next_group(pc + r + PR, PR));
+    ternary_decode_rows<MT, PR>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4,
+                                prefetch ? rows_ahead(packed, pc + r + PR, PR, p_end, K) : nullptr);
   for (; r < np; ++r)
-    ternary_decode_rows<MT, 1>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4, next_group(pc + r + 1, 1));
+    ternary_decode_rows<MT, 1>(x_q, lda, K, m0, packed, pc + r, slot_sums + r * 4,
+                               prefetch ? rows_ahead(packed, pc + r + 1, 1, p_end, K) : nullptr);
   const __mmask16 mask = tail_mask16(np);
   const __m512i rows = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
   for (int t = 0; t < MT; ++t) {
@@ -445,12 +445,9 @@ template <int MT>
 void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n0, int64_t n1,
                  const OutputSpec& out) {
   constexpr int NR = MT <= 2 ? 4 : 2;
-  auto next_group = [&](int64_t first, int64_t rows) -> const int8_t* {
-    return first + rows <= n1 ? w + first * K : nullptr;
-  };
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) int8_decode_rows<MT, NR>(x_q, lda, K, m0, w, n, out, next_group(n + NR, NR));
-  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out, next_group(n + 1, 1));
+  for (; n + NR <= n1; n += NR) int8_decode_rows<MT, NR>(x_q, lda, K, m0, w, n, out, rows_ahead(w, n + NR, NR, n1, K));
+  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out, rows_ahead(w, n + 1, 1, n1, K));
 }
 
 #define BN_I8M_STEP(r)                                                   \

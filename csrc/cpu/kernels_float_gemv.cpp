@@ -8,6 +8,7 @@
 // streams) times up to MB tokens, R*MB independent vector accumulators; tokens beyond MB reuse the same
 // weight rows from L1. The K tail is handled with masked loads (AVX-512) or a scalar remainder (AVX2).
 #include "float_gemv.h"
+#include "prefetch.h"
 
 #include <algorithm>
 #include <atomic>
@@ -24,12 +25,10 @@ namespace {
 
 //! Weight rows per block.
 constexpr int kRows = 4;
-//! Weight prefetch: the first token block of a row group prefetches the next row group of the same thread
-//! into L2, at the offset it is reading now, so the prefetches stay one row group ahead whatever K is (a fixed
-//! distance is wrong for some K, and the L2 streamer alone keeps too few misses in flight for a GEMV).
-//! Returns the byte address of the next group's rows (row stride K * elem), or null when none follows.
+//! What the first token block of row group [n, n + R) prefetches (prefetch.h): the byte address of the next
+//! group's rows (row stride K * elem), or null when none of this thread's rows follows.
 inline const char* next_row_group(const FloatGemvArgs& a, int64_t n, int R, int64_t n_end, int64_t elem) {
-  return n + 2 * R <= n_end ? static_cast<const char*>(a.w) + (n + R) * a.K * elem : nullptr;
+  return rows_ahead(static_cast<const char*>(a.w), n + R, R, n_end, a.K * elem);
 }
 
 inline float bf16_to_float(uint16_t bits) {

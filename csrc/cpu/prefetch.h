@@ -1,0 +1,20 @@
+// bitnet CPU kernels: where a decode GEMV prefetches (torch-free).
+//
+// A decode GEMV streams each weight byte once, a group of rows at a time. While a thread reads one row group,
+// it prefetches the next row group of its own range into L2, line by line at the offset it is reading now, so
+// the prefetches stay exactly one group ahead whatever K is: a fixed byte distance is wrong for some K, and the
+// L2 streamer alone keeps too few misses in flight for a GEMV (~60% of the memory bandwidth).
+#pragma once
+
+#include <cstdint>
+
+namespace bitnet_cpu {
+
+//! The rows [first, first + rows) of a row-major matrix (`stride` elements per row), when they end by `end`
+//! (one past this thread's last row); null when they do not, so a thread never prefetches another's rows.
+template <typename T>
+inline const T* rows_ahead(const T* base, int64_t first, int64_t rows, int64_t end, int64_t stride) {
+  return first + rows <= end ? base + first * stride : nullptr;
+}
+
+}  // namespace bitnet_cpu
