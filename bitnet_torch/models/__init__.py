@@ -57,3 +57,8 @@ def register_auto_classes() -> None:
 
 
 register_auto_classes()
+
+# Plain peft LoRA calls (all-linear, named targets, PeftModel/AutoPeftModel loading, load_adapter) on packed models.
+from ..nn.lora_layers import register_peft_support  # noqa: E402
+
+register_peft_support()

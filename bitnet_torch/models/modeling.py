@@ -33,6 +33,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .. import ops
 from ..nn import BitLinear, FastLinear, Int8Embedding, Int8Linear, PackedBitLinear, RMSNorm
+from ..nn.lora_layers import PeftAdapterCompatMixin
 from ..packing import VALUES_PER_BYTE
 from .attention import apply_rotary, attend
 from .configuration import BitNetConfig
@@ -255,7 +256,7 @@ def check_static_cache_capacity(model: nn.Module, inputs: torch.Tensor | None, k
         )
 
 
-class BitNetPreTrainedModel(hf_bitnet.BitNetPreTrainedModel):
+class BitNetPreTrainedModel(PeftAdapterCompatMixin, hf_bitnet.BitNetPreTrainedModel):
     """Base class: our config class and the initialisation of packed / int8 layers."""
 
     config_class = BitNetConfig
@@ -332,11 +333,18 @@ class BitNetPreTrainedModel(hf_bitnet.BitNetPreTrainedModel):
         packed on the way. ``packed=False``: float master weights with ``{bitnet, autobitlinear, online}``
         (refused for a packed model: its master weights are gone). ``None`` (default): the form the model
         holds. int8 head/embedding are written as float. Other keywords go to Transformers' ``save_pretrained``.
+        With adapters attached by ``load_adapter``/``add_adapter``, only the active adapter is written (peft's
+        format, as Transformers does).
         """
         from .checkpoint import save_pretrained
 
         if args:
             raise TypeError("save_pretrained takes only the directory positionally; pass other options by keyword")
+        if getattr(self, "_hf_peft_config_loaded", False):
+            # Adapters attached with load_adapter/add_adapter: Transformers saves the active adapter in peft's format.
+            if packed is not None:
+                raise ValueError("this model has adapters loaded: save_pretrained writes the adapter only (no packed=)")
+            return super().save_pretrained(save_directory, **kwargs)
         save_pretrained(self, save_directory, packed=packed, **kwargs)
 
     # -- forms of the weights --------------------------------------------------------------------------

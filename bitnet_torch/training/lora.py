@@ -31,6 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..nn import BitLinear, PackedBitLinear
+from ..nn.lora_layers import PackedBitLinearLoraLayer, PackedMergeError, register_peft_support
 
 __all__ = [
     "BITNET_LORA_TARGETS",
@@ -43,44 +44,6 @@ __all__ = [
 
 #: The seven ternary projections of each decoder layer (SPEC §1): what LoRA adapts by default.
 BITNET_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class PackedBitLinearLoraLayer(LoraLinear):
-    """peft LoRA layer around a frozen :class:`~bitnet_torch.nn.PackedBitLinear`.
-
-    Forward: ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` per active adapter (peft's ``lora.Linear``
-    forward, unchanged). The adapter is created in the base layer's model dtype (``weight_scale``'s),
-    not in the uint8 dtype of the packed codes. Merging is refused (the base holds no float weights);
-    DoRA and other weight-dependent LoRA variants are refused for the same reason.
-    """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
-        base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
-        if not isinstance(base, PackedBitLinear):
-            raise TypeError(f"PackedBitLinearLoraLayer wraps PackedBitLinear, got {type(base).__name__}")
-        if config.use_dora:
-            raise ValueError("DoRA needs the base weight matrix; a packed BitNet base has none (use_dora=False)")
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian",):
-            raise ValueError(
-                f"init_lora_weights={config.init_lora_weights!r} reads the base weights; a packed base only "
-                "supports True/False/'gaussian'"
-            )
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
-
-    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
-
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        return base_layer.weight_scale.device, base_layer.weight_scale.dtype
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError(
-            "cannot merge a LoRA adapter into a packed ternary layer (no float master weights): keep the adapter "
-            "separate, or train it on the master checkpoint and use bitnet_torch.training.merge_lora_into_master"
-        )
-
-    def unmerge(self) -> None:
-        raise NotImplementedError("a LoRA adapter on a packed ternary layer is never merged")
 
 
 def bitnet_lora_config(
