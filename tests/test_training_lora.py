@@ -12,6 +12,7 @@ import bitnet_torch
 from bitnet_torch.models import BitNetConfig, BitNetForCausalLM
 from bitnet_torch.training import (
     PackedBitLinearLoraLayer,
+    PackedMergeError,
     apply_lora,
     bitnet_lora_config,
     load_adapter,
@@ -113,9 +114,9 @@ def test_packed_base_lora_matches_master_base_exactly_and_reloads(master_model, 
     reloaded = load_adapter(bitnet_torch.pack_model(copy.deepcopy(master_model)), str(tmp_path / "adapter"))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, got)
-    with pytest.raises(NotImplementedError, match="packed"):
+    with pytest.raises(PackedMergeError, match="packed"):
         packed_peft.merge_and_unload()
-    with pytest.raises(ValueError, match="BitLinear"):
+    with pytest.raises(PackedMergeError, match="master"):
         merge_lora_into_master(packed_peft)
 
 
@@ -130,3 +131,77 @@ def test_packed_base_trains_only_the_adapter(master_model, ids):
 def test_packed_base_refuses_dora(master_model):
     with pytest.raises(ValueError, match="DoRA"):
         apply_lora(bitnet_torch.pack_model(copy.deepcopy(master_model)), bitnet_lora_config(r=4, use_dora=True))
+
+
+# -- bitnet-torch finetune on a packed base (issue 15, item 16) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packed_checkpoint(tmp_path_factory):
+    from test_gguf_helpers import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("finetune_packed")
+    make_tiny_checkpoint(root / "packed-ckpt", form="packed", hidden_size=64, intermediate_size=128)
+    return root
+
+
+FINETUNE_TINY = ["--max-steps", "2", "--batch-size", "2", "--num-examples", "8", "--max-length", "64",
+                 "--logging-steps", "1", "--sample-tokens", "4", "--disable-tqdm"]
+
+
+def test_finetune_packed_base_keeps_the_adapter_separate_by_default_and_records_an_absolute_base(
+    packed_checkpoint, tmp_path, monkeypatch, capsys
+):
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from bitnet_torch.cli import main
+
+    monkeypatch.chdir(packed_checkpoint)  # a relative model path, as a user types it
+    code = main(["finetune", "packed-ckpt", "--base", "packed", "--output-dir", str(tmp_path / "ft"), *FINETUNE_TINY])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "packed base" in out and "merged" not in out
+    adapter_dir = tmp_path / "ft" / "adapter"
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded).is_absolute() and Path(recorded) == (packed_checkpoint / "packed-ckpt").resolve()
+    assert not (tmp_path / "ft" / "merged-master").exists()
+
+    # Asked explicitly, a merge on a packed base is a clear error (before any training).
+    code = main(["finetune", "packed-ckpt", "--base", "packed", "--merge", "--output-dir", str(tmp_path / "ft2"),
+                 *FINETUNE_TINY])
+    _, err = capsys.readouterr()
+    assert code == 1 and "merge=True" in err and "packed base" in err and err.count("\n") == 1
+    assert not (tmp_path / "ft2").exists()
+
+    # From another directory, in a fresh process, offline: the base is found through the recorded path.
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(5))
+    save_file({"ids": ids}, tmp_path / "ids.safetensors")
+    reference = PeftModel.from_pretrained(BitNetForCausalLM.from_pretrained(recorded), adapter_dir).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    script = textwrap.dedent(f"""
+        import torch
+        import bitnet_torch
+        from peft import AutoPeftModelForCausalLM
+        from safetensors.torch import load_file, save_file
+        model = AutoPeftModelForCausalLM.from_pretrained({str(adapter_dir)!r}).eval()
+        ids = load_file({str(tmp_path / "ids.safetensors")!r})["ids"]
+        with torch.no_grad():
+            save_file({{"logits": model(input_ids=ids).logits.contiguous()}}, "logits.safetensors")
+    """)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(load_file(elsewhere / "logits.safetensors")["logits"], expected)

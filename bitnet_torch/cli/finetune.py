@@ -11,7 +11,8 @@ from ._common import _require_path, _add_training_options
 _FINETUNE_HELP = {
     "output_dir": "where adapter/ (and merged-master/, merged-packed/) are written",
     "base": "master: LoRA next to the float master weights (can merge); packed: on the 2-bit codes (adapter only)",
-    "merge": "merge the adapter into the master weights and re-quantize (master base only)",
+    "merge": "merge the adapter into the master weights and re-quantize (default: yes on a master base; a packed "
+             "base keeps the adapter separate, and --merge there is an error)",
     "dataset": "chat data with a 'messages' column: JSON/JSONL file, saved or named datasets dataset "
                "(default: a synthetic KJV question set)",
     "num_examples": "size of the synthetic KJV chat set",
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     loss = "" if result.first_loss is None else f"; loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
     print(f"fine-tuned {result.trainable_parameters / 1e6:.3f}M LoRA parameters ({result.base} base) for "
           f"{result.steps} steps in {result.train_seconds:.1f}s{loss}")
-    print(f"adapter: {result.adapter_dir}")
+    print(f"adapter: {result.adapter_dir} (load it with peft.AutoPeftModelForCausalLM.from_pretrained(path) after "
+          "import bitnet_torch)")
     for label, path in (("merged master", result.merged_master_dir), ("merged packed", result.merged_packed_dir)):
         if path:
             print(f"{label}: {path}")

@@ -8,7 +8,7 @@ and for plain PyTorch loops.
   :class:`TimeBudgetCallback`, :class:`PerplexityLoggingCallback`;
 * size presets (:data:`PRESETS`, ~4M … the 2B-4T shape);
 * LoRA with peft: :func:`bitnet_lora_config`, :func:`apply_lora`, :class:`PackedBitLinearLoraLayer`,
-  :func:`merge_lora_into_master`, :func:`load_adapter`;
+  :class:`PackedMergeError`, :func:`merge_lora_into_master`, :func:`load_adapter`;
 * whole jobs: :func:`train_from_scratch` (``bitnet-torch train``), :func:`finetune_lora` (``bitnet-torch finetune``).
 """
 
@@ -19,6 +19,7 @@ from .from_scratch import TrainConfig, TrainResult, build_model_from_preset, par
 from .lora import (
     BITNET_LORA_TARGETS,
     PackedBitLinearLoraLayer,
+    PackedMergeError,
     apply_lora,
     bitnet_lora_config,
     load_adapter,
@@ -38,6 +39,7 @@ __all__ = [
     "PAPER_BETAS",
     "PRESETS",
     "PackedBitLinearLoraLayer",
+    "PackedMergeError",
     "PerplexityLoggingCallback",
     "TimeBudgetCallback",
     "TrainConfig",

@@ -5,19 +5,24 @@ the seven projections with trl on a ``messages``-format chat dataset (by default
 built locally, :func:`bitnet_torch.data.build_kjv_chat_dataset`):
 
 * ``base="master"``: float master weights in ``BitLinear`` (frozen by peft; the LoRA update runs in float
-  next to the quantized layer). ``merge=True`` then merges into the master weights and re-quantizes
+  next to the quantized layer). By default (``merge=None``) or with ``merge=True`` the adapter is then merged
+  into the master weights and re-quantized
   (:func:`~bitnet_torch.training.merge_lora_into_master`) and saves the merged model in master and packed
   form; the result reports how far the merged logits moved from the unmerged ones (the quantization change).
 * ``base="packed"``: ternary codes in ``PackedBitLinear`` (2 bits per weight in memory, frozen), LoRA through
-  :class:`~bitnet_torch.training.PackedBitLinearLoraLayer`. The adapter stays separate: it is saved with peft and
-  reloaded on a packed base with :func:`~bitnet_torch.training.load_adapter`; the result checks that the reloaded
-  model's logits are bit-identical to the trained one's.
+  :class:`~bitnet_torch.training.PackedBitLinearLoraLayer`. The adapter stays separate (the default; an explicit
+  ``merge=True`` is refused: there are no master weights to merge into): it is saved with peft and reloaded on a
+  packed base with ``PeftModel.from_pretrained``; the result checks that the reloaded model's logits are
+  bit-identical to the trained one's.
 
-Neither path touches the base model's ``quantization_config``.
+Neither path touches the base model's ``quantization_config``. A local ``model`` directory is recorded in the
+adapter's ``adapter_config.json`` as an absolute path, so ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)``
+finds the base from any working directory without asking the Hub.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,13 +48,15 @@ class FinetuneConfig:
 
     ``model`` is a saved BitNet checkpoint directory with its tokenizer (e.g. ``bitnet-kjv/master`` written by
     ``bitnet-torch train``). ``dataset`` is ``None`` (synthetic KJV chat set of ``num_examples``), a JSON/JSONL
-    file or a ``datasets`` name/saved directory with a ``messages`` column.
+    file or a ``datasets`` name/saved directory with a ``messages`` column. ``merge``: ``None`` (default) merges on
+    a master base and keeps the adapter separate on a packed one; ``True`` asks for a merge (refused on a packed
+    base); ``False`` never merges.
     """
 
     model: str
     output_dir: str = "bitnet-kjv-lora"
     base: Literal["master", "packed"] = "master"
-    merge: bool = True
+    merge: bool | None = None
     dataset: str | None = None
     num_examples: int = 256
     r: int = 16
@@ -113,6 +120,25 @@ def _load_base(model_dir: str, base: str):
     return BitNetForCausalLM.from_pretrained(model_dir, packed=(base == "packed"))
 
 
+def _resolve_model(model: str) -> str:
+    """A local checkpoint directory as an absolute path (what the adapter records as its base); a Hub id as is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _check_recorded_base(adapter_dir: Path, model_path: str) -> None:
+    """Make sure ``adapter_config.json`` names the base the adapter was trained on (absolute for a local one)."""
+    config_file = adapter_dir / "adapter_config.json"
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    if saved.get("base_model_name_or_path") != model_path:
+        # peft records the model's ``name_or_path``; a base built some other way may lack it.
+        saved["base_model_name_or_path"] = model_path
+        temporary = config_file.with_name(config_file.name + ".tmp")
+        temporary.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        temporary.replace(config_file)
+    logger.info("adapter base recorded as %s", model_path)
+
+
 @torch.no_grad()
 def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
@@ -122,23 +148,27 @@ def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def finetune_lora(config: FinetuneConfig) -> FinetuneResult:
     """Train a LoRA adapter with trl on a BitNet base; save it (and the merged model); verify; sample.
 
-    Writes ``<output_dir>/adapter`` (peft adapter + tokenizer) and, for ``base="master", merge=True``,
-    ``<output_dir>/merged-master`` and ``<output_dir>/merged-packed``. Raises ``ValueError`` for
-    ``merge=True`` on a packed base (use the separate adapter) and for datasets without ``messages``.
+    Writes ``<output_dir>/adapter`` (peft adapter + tokenizer; its ``base_model_name_or_path`` is the absolute
+    path of a local ``model``) and, for ``base="master"`` unless ``merge=False``, ``<output_dir>/merged-master``
+    and ``<output_dir>/merged-packed``. Raises ``ValueError`` for an explicit ``merge=True`` on a packed base (the
+    adapter is kept separate there by default) and for datasets without ``messages``.
     """
     from trl import SFTConfig, SFTTrainer
 
     if config.base == "packed" and config.merge:
         raise ValueError(
-            "a packed base has no float master weights to merge into: use merge=False (separate adapter), "
-            "or fine-tune the master checkpoint (base='master') to merge"
+            "merge=True was asked for on a packed base, which has no float master weights to merge into: leave "
+            "merge unset (a packed base keeps the adapter separate) or fine-tune the master checkpoint "
+            "(base='master') to merge"
         )
+    merge = config.base == "master" if config.merge is None else config.merge
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model_path = _resolve_model(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer in {config.model} has no chat template; SFT on 'messages' needs one")
-    model = _load_base(config.model, config.base)
+    model = _load_base(model_path, config.base)
     total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     dataset = load_chat_dataset(config.dataset, config.num_examples, config.seed)
     peft_model = apply_lora(
@@ -173,6 +203,7 @@ def finetune_lora(config: FinetuneConfig) -> FinetuneResult:
     adapter_dir = output_dir / "adapter"
     peft_model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
+    _check_recorded_base(adapter_dir, model_path)
 
     messages = [{"role": "user", "content": config.sample_question}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -182,14 +213,14 @@ def finetune_lora(config: FinetuneConfig) -> FinetuneResult:
     merged_master_dir = merged_packed_dir = None
     merged_diff = base_diff = reload_exact = None
     if config.base == "packed":
-        reloaded = load_adapter(_load_base(config.model, "packed"), str(adapter_dir))
+        reloaded = load_adapter(_load_base(model_path, "packed"), str(adapter_dir))
         reload_exact = bool(torch.equal(_logits(reloaded, probe), unmerged_logits))
         logger.info("separate adapter reloaded on a fresh packed base: logits bit-identical = %s", reload_exact)
         generator = peft_model
     else:
         with peft_model.disable_adapter():
             base_logits = _logits(peft_model, probe)
-        if config.merge:
+        if merge:
             merged = merge_lora_into_master(peft_model)
             merged_logits = _logits(merged, probe)
             merged_diff = float((merged_logits - unmerged_logits).abs().max())

@@ -1,19 +1,26 @@
 """LoRA on BitNet models with peft: which layers, the packed-base LoRA layer, and merging done right.
 
+Plain peft and trl work on both forms of a BitNet model once ``bitnet_torch`` is imported (see
+:mod:`bitnet_torch.nn.lora_layers`): ``get_peft_model(model, LoraConfig(target_modules="all-linear"))``, named
+targets, ``target_modules=None`` (the seven projections for ``model_type: bitnet``), ``SFTTrainer(peft_config=...)``,
+``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM.from_pretrained`` and ``model.load_adapter``. The helpers
+here are conveniences on top (a causal-LM config on the seven projections, a merge with checks).
+
 Two ways to fine-tune, and what each gives you:
 
 * **Trainable master base** (``BitLinear`` projections, float master weights): peft wraps ``BitLinear``
-  like any ``nn.Linear`` (it is a subclass). After training, :func:`merge_lora_into_master` adds
-  ``scaling · B @ A`` into the float master weights (peft's ``merge_and_unload``, which keeps the
-  ``BitLinear`` modules) — the model re-quantizes them in every forward and when packed, so the merged
-  model is again a plain BitNet model whose outputs match the unmerged one *up to the change of the
-  ternary codes* (an update smaller than half a quantization step is rounded away; train the adapter on
-  the master weights with QAT, or keep it separate).
-* **Frozen packed base** (``PackedBitLinear``, uint8 codes, not an ``nn.Linear``): peft needs a custom
-  layer, :class:`PackedBitLinearLoraLayer` (``y = packed(x) + lora_B(lora_A(dropout(x))) · scaling``),
-  registered through ``LoraConfig._register_custom_module`` (peft's documented custom-model API). The
-  adapter stays separate (merging into ternary codes is refused: there are no master weights); outputs
-  are exactly those of the same adapter on the unpacked master base at λ = 1.
+  like any ``nn.Linear`` (it is a subclass). After training, ``merge_and_unload`` (or
+  :func:`merge_lora_into_master`, the same with checks) adds ``scaling · B @ A`` into the float master weights
+  and keeps the ``BitLinear`` modules -- which re-quantize them to ternary in every forward and when packed. The
+  merged model computes exactly what ``BitLinear`` computes from ``W + scaling · B @ A``; that matches the unmerged
+  model (float adapter next to the quantized layer) only *up to the change of the ternary codes* (an update
+  smaller than half a quantization step is rounded away; keep the adapter separate to keep its exact effect).
+* **Frozen packed base** (``PackedBitLinear``, uint8 codes, not an ``nn.Linear``): peft builds
+  :class:`~bitnet_torch.nn.lora_layers.PackedBitLinearLoraLayer` (``y = packed(x) + lora_B(lora_A(dropout(x))) ·
+  scaling``: the base in ternary x int8, the adapter in float on the un-quantized input). The adapter stays
+  separate: ``merge_and_unload``/``merge_adapter`` raise :class:`~bitnet_torch.nn.lora_layers.PackedMergeError`
+  before changing anything (there are no master weights to merge into); outputs are exactly those of the same
+  adapter on the unpacked master base at λ = 1.
 
 Adapters are saved with ``PeftModel.save_pretrained`` (adapter weights + ``adapter_config.json`` only);
 the base model's ``quantization_config`` is never touched.
@@ -30,12 +37,13 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..nn import BitLinear, PackedBitLinear
-from ..nn.lora_layers import PackedBitLinearLoraLayer, PackedMergeError, register_peft_support
+from ..nn import BitLinear
+from ..nn.lora_layers import PackedBitLinearLoraLayer, PackedMergeError
 
 __all__ = [
     "BITNET_LORA_TARGETS",
     "PackedBitLinearLoraLayer",
+    "PackedMergeError",
     "apply_lora",
     "bitnet_lora_config",
     "load_adapter",
@@ -54,12 +62,13 @@ def bitnet_lora_config(
     packed_base: bool = False,
     **kwargs: Any,
 ) -> LoraConfig:
-    """A causal-LM ``LoraConfig`` on the BitNet projections.
+    """A causal-LM ``LoraConfig`` (``task_type="CAUSAL_LM"``, no bias) on the BitNet projections.
 
-    With ``packed_base=True`` it also registers :class:`PackedBitLinearLoraLayer` for ``PackedBitLinear``
-    targets (needed to apply it to a packed model; harmless otherwise). ``kwargs`` go to ``LoraConfig``.
+    ``packed_base`` is accepted for compatibility and changes nothing: packed projections get their LoRA layer
+    with any ``LoraConfig`` (``import bitnet_torch`` registers it with peft). ``kwargs`` go to ``LoraConfig``.
     """
-    config = LoraConfig(
+    del packed_base
+    return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
@@ -68,34 +77,17 @@ def bitnet_lora_config(
         bias="none",
         **kwargs,
     )
-    if packed_base:
-        config._register_custom_module({PackedBitLinear: PackedBitLinearLoraLayer})
-    return config
-
-
-def _has_packed_projection(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedBitLinear) for m in model.modules())
 
 
 def load_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False, **kwargs: Any) -> PeftModel:
-    """``PeftModel.from_pretrained`` that also works on a packed base.
-
-    The custom-layer mapping is not part of ``adapter_config.json``, so for a model with
-    ``PackedBitLinear`` projections it is registered again here before peft builds the layers.
-    """
-    config = LoraConfig.from_pretrained(adapter_dir)
-    if _has_packed_projection(model):
-        config._register_custom_module({PackedBitLinear: PackedBitLinearLoraLayer})
-    config.inference_mode = not is_trainable
-    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable, **kwargs)
+    """``PeftModel.from_pretrained(model, adapter_dir, is_trainable=...)`` (kept for compatibility: plain peft
+    loads adapters on packed bases too)."""
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, **kwargs)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig | None = None) -> PeftModel:
-    """``get_peft_model`` with the packed-layer mapping added when ``model`` has packed projections."""
-    config = config or bitnet_lora_config()
-    if _has_packed_projection(model):
-        config._register_custom_module({PackedBitLinear: PackedBitLinearLoraLayer})
-    return get_peft_model(model, config)
+    """``get_peft_model(model, config or bitnet_lora_config())``."""
+    return get_peft_model(model, config or bitnet_lora_config())
 
 
 def merge_lora_into_master(peft_model: PeftModel) -> nn.Module:
@@ -103,12 +95,15 @@ def merge_lora_into_master(peft_model: PeftModel) -> nn.Module:
 
     Returns the base model with its ``BitLinear`` modules (now holding ``W + scaling · B @ A``) and its
     config untouched, ``quantization_config`` included; the ternary codes are recomputed from the merged
-    master weights in every forward and by ``save_pretrained(..., packed=True)``. Refuses (``ValueError``)
-    adapters on anything but ``BitLinear`` bases — in particular packed bases, which have no master weights.
+    master weights in every forward and by ``save_pretrained(..., packed=True)``. Refuses (``ValueError``;
+    :class:`PackedMergeError` for packed layers) adapters on anything but ``BitLinear`` bases -- in particular
+    packed bases, which have no master weights.
     """
     lora_layers = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
     if not lora_layers:
         raise ValueError("the model has no LoRA layers to merge")
+    if any(isinstance(m, PackedBitLinearLoraLayer) for m in lora_layers):
+        raise PackedMergeError("merge_lora_into_master")
     wrong = {type(m.get_base_layer()).__name__ for m in lora_layers if not isinstance(m.get_base_layer(), BitLinear)}
     if wrong:
         raise ValueError(
