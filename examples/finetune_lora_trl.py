@@ -15,8 +15,9 @@ Which model you get (all of it is ``bitnet_torch.training.finetune_lora``, also 
   of it the merge changed. ``--no-merge`` keeps only the adapter.
 * ``--base packed``: the base is loaded as 2-bit PackedBitLinear layers (a quarter of the memory of int8,
   no float weights) and stays frozen; the adapter lives in float next to it and is never merged. Reload it
-  with ``bitnet_torch.training.load_adapter(BitNetForCausalLM.from_pretrained(base, packed=True), adapter)``;
-  the script checks that the reloaded logits are bit-identical.
+  with ``peft.AutoPeftModelForCausalLM.from_pretrained(adapter)`` (after ``import bitnet_torch``; the adapter
+  records the base's absolute path) or ``PeftModel.from_pretrained(BitNetForCausalLM.from_pretrained(base,
+  packed=True), adapter)``; the script checks that the reloaded logits are bit-identical.
 
 Adapters are saved with peft (``<out>/adapter``: ``adapter_model.safetensors`` + ``adapter_config.json``).
 The default dataset is a synthetic question set about the KJV built locally (no hub). Multi-GPU: run under
