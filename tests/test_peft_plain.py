@@ -49,6 +49,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {
         "packed": make_tiny_checkpoint(root / "packed", form="packed", hidden_size=64, intermediate_size=128),
         "master": make_tiny_checkpoint(root / "master", form="float", hidden_size=64, intermediate_size=128),
+        # Microsoft's layout: linear_class "bitlinear", weight_scale = 1 / mean|W|.
+        "packed_divide": make_tiny_checkpoint(
+            root / "packed_divide", form="packed_divide", hidden_size=64, intermediate_size=128
+        ),
     }
 
 
@@ -94,6 +98,13 @@ class MergedFloatReference(nn.Module):
         return F.linear(fake_quantize_activation(x), self.weight) + F.linear(x, self.delta.to(x.dtype))
 
 
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """``|got - expected| / |expected|`` (Frobenius). The integer kernel and the float reference agree per layer to
+    ~2e-7, but that last-place difference can move a later layer's int8 activation code by one, so whole-model
+    logits are compared as a whole rather than element by element."""
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
 def _float_reference(packed_model: BitNetForCausalLM) -> BitNetForCausalLM:
     reference = copy.deepcopy(packed_model)
     for name, module in list(reference.named_modules()):
@@ -118,6 +129,34 @@ def test_plain_lora_config_adapts_exactly_the_seven_packed_projections(packed, t
     assert all(type(m) is PackedBitLinearLoraLayer for m in adapted.values())
     assert all(isinstance(m.get_base_layer(), PackedBitLinear) for m in adapted.values())
     assert not isinstance(peft_model.base_model.model.lm_head, LoraLinear)
+
+
+def test_divide_convention_checkpoint_gets_the_seven_adapters_computing_the_float_reference(checkpoints):
+    model = BitNetForCausalLM.from_pretrained(checkpoints["packed_divide"]).eval()
+    assert {m.scale_convention for m in model.modules() if isinstance(m, PackedBitLinear)} == {"divide"}
+    peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=4))
+    adapted = _adapted(peft_model)
+    assert set(adapted) == _projection_names()
+    _randomize_adapters(peft_model)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, layer in adapted.items():
+            x = torch.randn(4, layer.in_features, generator=g)
+            base = layer.get_base_layer()
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            lora = (x @ a.T @ b.T) * layer.scaling["default"]
+            expected = F.linear(fake_quantize_activation(x), base.dequantized_weight()) + lora
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bfloat16_packed_model_trains_float32_adapters(checkpoints, ids):
+    model = BitNetForCausalLM.from_pretrained(checkpoints["packed"], dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=4, init_lora_weights="gaussian"))
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_all_linear_on_a_master_base_adapts_the_seven_bitlinear_projections(checkpoints):
@@ -244,7 +283,12 @@ def test_sft_trainer_trains_only_the_adapter_and_every_reload_path_restores_it(c
     # 3. Transformers' load_adapter on the model itself.
     direct = BitNetForCausalLM.from_pretrained(checkpoints["packed"])
     direct.load_adapter(str(adapter_dir))
-    for restored in (reloaded, auto, direct):
+    # 4. Transformers' AutoModelForCausalLM on the adapter directory (loads the base, then load_adapter).
+    from transformers import AutoModelForCausalLM
+
+    via_transformers = AutoModelForCausalLM.from_pretrained(adapter_dir)
+    assert isinstance(via_transformers, BitNetForCausalLM)
+    for restored in (reloaded, auto, direct, via_transformers):
         assert set(_adapted(restored)) == _projection_names()
         with torch.no_grad():
             assert torch.equal(restored.eval()(input_ids=ids).logits, trained)
@@ -283,7 +327,8 @@ def test_auto_peft_model_loads_in_a_fresh_process_from_another_directory(checkpo
     """)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
     result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -303,8 +348,7 @@ def test_peft_generate_gives_the_tokens_of_the_merged_float_reference(packed, id
     prompt = ids[:1, :6]
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=packed.config.eos_token_id, eos_token_id=None)
     with torch.no_grad():
-        torch.testing.assert_close(peft_model.eval()(input_ids=prompt).logits, reference(input_ids=prompt).logits,
-                                   rtol=1e-4, atol=1e-4)
+        assert _relative_error(peft_model.eval()(input_ids=prompt).logits, reference(input_ids=prompt).logits) < 1e-4
         got = peft_model.generate(input_ids=prompt, **kwargs)
         expected = reference.generate(input_ids=prompt, **kwargs)
         with peft_model.disable_adapter():
