@@ -396,3 +396,38 @@ def test_merge_on_a_master_base_adds_the_update_to_the_master_weights_that_bitli
         assert torch.equal(merged_logits, reference(input_ids=ids).logits)
     # ... which differs from the unmerged adapter (float, next to the quantized layer) by the re-quantization only.
     assert not torch.equal(merged_logits, unmerged)
+
+
+# -- the hooks themselves ----------------------------------------------------------------------------------------
+
+
+def test_peft_hooks_are_installed_once_and_leave_models_without_packed_layers_alone():
+    from peft.tuners import tuners_utils
+    from peft.tuners.lora.model import LoraModel
+
+    from bitnet_torch.nn.lora_layers import register_peft_support
+
+    hooks = (tuners_utils._maybe_include_all_linear_layers, LoraModel._create_new_module, LoraModel._check_merge_allowed)
+    assert register_peft_support() and register_peft_support()
+    assert hooks == (
+        tuners_utils._maybe_include_all_linear_layers, LoraModel._create_new_module, LoraModel._check_merge_allowed
+    )
+    assert not hasattr(tuners_utils._maybe_include_all_linear_layers.__wrapped__, "__wrapped__")
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    config = LoraConfig(target_modules="all-linear", r=2)
+    peft_model = get_peft_model(Plain(), config)
+    assert config._custom_modules is None
+    assert {n for n, m in peft_model.named_modules() if isinstance(m, LoraLinear)} == {
+        "base_model.model.a", "base_model.model.b"
+    }
+    assert all(type(m) is LoraLinear for m in peft_model.modules() if isinstance(m, LoraLinear))
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged.a, nn.Linear) and not isinstance(merged.a, LoraLinear)
