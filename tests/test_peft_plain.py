@@ -431,3 +431,20 @@ def test_peft_hooks_are_installed_once_and_leave_models_without_packed_layers_al
     assert all(type(m) is LoraLinear for m in peft_model.modules() if isinstance(m, LoraLinear))
     merged = peft_model.merge_and_unload()
     assert isinstance(merged.a, nn.Linear) and not isinstance(merged.a, LoraLinear)
+
+
+def test_transformers_add_set_and_delete_adapter_on_a_packed_model(packed, ids):
+    with torch.no_grad():
+        base_logits = packed(input_ids=ids).logits
+    packed.add_adapter(LoraConfig(target_modules="all-linear", r=4, init_lora_weights=False), adapter_name="one")
+    packed.add_adapter(LoraConfig(target_modules="all-linear", r=2, init_lora_weights=False), adapter_name="two")
+    assert set(_adapted(packed)) == _projection_names()
+    assert packed.active_adapters() == ["two"]
+    packed.set_adapter("one")
+    assert packed.active_adapters() == ["one"]
+    with torch.no_grad():
+        assert not torch.equal(packed(input_ids=ids).logits, base_logits)
+    packed.delete_adapter(["one", "two"])
+    assert not _adapted(packed) or all(not m.lora_A for m in _adapted(packed).values())
+    with torch.no_grad():
+        assert torch.equal(packed(input_ids=ids).logits, base_logits)

@@ -207,13 +207,10 @@ def register_peft_support() -> bool:
     Returns True when peft's hooks are in place, False (with a warning) when this peft version lacks one of the
     functions wrapped (then packed models need ``LoraConfig._register_custom_module`` and explicit targets).
     """
-    try:
-        from peft.tuners import tuners_utils
-        from peft.tuners.lora import model as lora_model
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    except ImportError as exc:  # peft is a dependency; a broken install should not break ``import bitnet_torch``
-        logger.warning("peft could not be imported (%s); LoRA on packed BitNet models is unavailable", exc)
-        return False
+    from peft.tuners import tuners_utils
+    from peft.tuners.lora import model as lora_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
     lora_cls = lora_model.LoraModel
     missing = [
         name
