@@ -338,7 +338,7 @@ def test_auto_peft_model_loads_in_a_fresh_process_from_another_directory(checkpo
 # -- generation --------------------------------------------------------------------------------------------------
 
 
-def test_peft_generate_gives_the_tokens_of_the_merged_float_reference(packed, ids):
+def test_peft_generate_gives_the_tokens_of_the_merged_float_reference(packed, ids, tmp_path):
     peft_model = get_peft_model(copy.deepcopy(packed), LoraConfig(target_modules="all-linear", r=4, lora_alpha=16))
     _randomize_adapters(peft_model, scale=0.2)
     reference = copy.deepcopy(packed)
@@ -355,6 +355,12 @@ def test_peft_generate_gives_the_tokens_of_the_merged_float_reference(packed, id
             base = peft_model.generate(input_ids=prompt, **kwargs)
     assert torch.equal(got, expected)
     assert not torch.equal(got, base), "the adapter should change what is generated (else the test proves nothing)"
+    # The same adapter attached with Transformers' load_adapter: the model's own generate() must run it too.
+    peft_model.save_pretrained(tmp_path / "adapter")
+    direct = copy.deepcopy(packed)
+    direct.load_adapter(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.equal(direct.eval().generate(input_ids=prompt, **kwargs), expected)
 
 
 # -- merging ----------------------------------------------------------------------------------------------------

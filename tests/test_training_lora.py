@@ -149,6 +149,7 @@ FINETUNE_TINY = ["--max-steps", "2", "--batch-size", "2", "--num-examples", "8",
                  "--logging-steps", "1", "--sample-tokens", "4", "--disable-tqdm"]
 
 
+@pytest.mark.slow
 def test_finetune_packed_base_keeps_the_adapter_separate_by_default_and_records_an_absolute_base(
     packed_checkpoint, tmp_path, monkeypatch, capsys
 ):
