@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
-import bitnet_torch
+import bitnet_torch  # noqa: F401 - the import is what makes plain peft work on packed models
 from bitnet_torch.models import BitNetForCausalLM
 from bitnet_torch.nn import BitLinear, PackedBitLinear
 from bitnet_torch.nn.lora_layers import PackedBitLinearLoraLayer, PackedMergeError
