@@ -56,11 +56,16 @@ def make_tiny_checkpoint(
     num_layers: int = 2,
     extra_vocab_rows: int = 8,
     tie_word_embeddings: bool = True,
+    hidden_act: str = "relu2",
+    embedding_std: float | None = None,
 ) -> Path:
     """Write a tiny BitNet checkpoint to ``model_dir`` and return it.
 
     ``form``: ``"float"`` (master weights, as plain Transformers saves them), ``"packed"`` (uint8 + weight_scale,
     ``autobitlinear`` multiply convention) or ``"packed_divide"`` (``linear_class="bitlinear"``: the scale is 1/mean|W|).
+    ``hidden_act``: the FFN activation (``relu2`` BitNet b1.58, ``silu`` 1bitLLM style). ``embedding_std``: draw the
+    (tied) embedding with this std instead of the initializer's 0.02, for logits spread enough that the top-1 token
+    of a random model is well separated (runtime comparisons).
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -77,13 +82,16 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
+        hidden_act=hidden_act,
     )
     torch.manual_seed(1234)
     model = BitNetForCausalLM(config)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            with torch.no_grad():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
+            elif embedding_std is not None and name.endswith("embed_tokens.weight"):
+                param.normal_(0.0, embedding_std)
     if form == "float":
         model.save_pretrained(model_dir)
         return model_dir

@@ -296,11 +296,11 @@ class BitNetPreTrainedModel(hf_bitnet.BitNetPreTrainedModel):
     def from_gguf(cls, path, **from_pretrained_kwargs):
         """Load a BitNet GGUF file (``i2_s``, ``tq2_0``, ``tq1_0`` or ``f16``) into a packed model.
 
-        The ternary weights come back bit-exactly; see :func:`bitnet_torch.export.gguf.model_from_gguf`.
+        The ternary weights come back bit-exactly; see :func:`bitnet_torch.formats.gguf_reader.model_from_gguf`.
         """
-        from ..export.gguf import model_from_gguf  # export sits above models; imported only when asked
+        from ..formats.gguf_reader import model_from_gguf  # below models; imports gguf only when asked
 
-        return model_from_gguf(path, **from_pretrained_kwargs)
+        return model_from_gguf(path, cls, **from_pretrained_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, packed: bool | None = None, **kwargs):

@@ -1,0 +1,15 @@
+"""File formats the models read, below ``models`` in the layering (``export`` writes them, above).
+
+* :mod:`.ternary` — byte layouts of ternary matrices in GGUF (I2_S, TQ1_0, TQ2_0): packers and decoders;
+* :mod:`.gguf_layout` — BitNet GGUF tensor names, metadata keys, architectures and what each runtime runs;
+* :mod:`.gguf_reader` — :func:`load_gguf` / :func:`model_from_gguf` and :class:`BitNetGGUFReader` (reads I2_S,
+  which the stock ``gguf`` reader cannot);
+* :mod:`.gguf_tokenizer` — a Transformers tokenizer rebuilt from a GGUF's tokenizer metadata.
+"""
+
+from __future__ import annotations
+
+from .gguf_layout import GGUF_ARCHITECTURES, GGUF_TYPES, GGUFError
+from .gguf_reader import BitNetGGUFReader, load_gguf, model_from_gguf
+
+__all__ = ["BitNetGGUFReader", "GGUFError", "GGUF_ARCHITECTURES", "GGUF_TYPES", "load_gguf", "model_from_gguf"]
