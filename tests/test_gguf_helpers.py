@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -115,3 +116,30 @@ def make_tiny_checkpoint(
     }
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return model_dir
+
+
+def rewrite_gguf(src: Path, dst: Path, set_fields: dict | None = None, drop_fields: tuple[str, ...] = ()) -> Path:
+    """Copy a (non-I2_S) GGUF file with some metadata values replaced or dropped: files our exporter refuses to
+    write (a config contradicting the tensors, a broken ``hf_config``), for the reader's refusal tests."""
+    import gguf
+
+    set_fields = set_fields or {}
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.get_field("general.architecture").contents())
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_fields:
+            continue
+        vtype = fld.types[0]
+        sub_type = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, set_fields.get(key, fld.contents()), vtype, sub_type=sub_type)
+    for tensor in reader.tensors:
+        kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+        if kind in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            writer.add_tensor(tensor.name, np.asarray(tensor.data))
+        else:
+            writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

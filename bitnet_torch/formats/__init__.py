@@ -9,7 +9,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .gguf_layout import GGUF_ARCHITECTURES, GGUF_TYPES, GGUFError
-from .gguf_reader import BitNetGGUFReader, load_gguf, model_from_gguf
 
 __all__ = ["BitNetGGUFReader", "GGUFError", "GGUF_ARCHITECTURES", "GGUF_TYPES", "load_gguf", "model_from_gguf"]
+
+_READER_NAMES = ("BitNetGGUFReader", "load_gguf", "model_from_gguf")
+
+
+def __getattr__(name: str) -> Any:
+    """The reader (which imports torch) is loaded on first use, so the CLI's ``--help`` stays light."""
+    if name in _READER_NAMES:
+        from . import gguf_reader
+
+        return getattr(gguf_reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
