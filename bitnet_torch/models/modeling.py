@@ -171,10 +171,11 @@ class BitNetAttention(hf_bitnet.BitNetAttention):
 
 
 class BitNetMLP(hf_bitnet.BitNetMLP):
-    """Gated squared-ReLU MLP with the SubLN ``ffn_sub_norm`` before ``down_proj`` (SPEC §4).
+    """Gated MLP with the SubLN ``ffn_sub_norm`` before ``down_proj`` (SPEC §4).
 
     ``down(ffn_sub_norm(act(gate(x)) * up(x)))`` as in Transformers, with gate and up computed together by
-    :func:`project_group`.
+    :func:`project_group`; ``act`` is ``config.hidden_act``: squared ReLU (``"relu2"``, BitNet b1.58) or SiLU
+    (``"silu"``, the 1bitLLM-style BitNet that upstream llama.cpp's GGUF arch ``bitnet`` runs).
     """
 
     def __init__(self, config: BitNetConfig, make_linear: LinearFactory):
