@@ -59,14 +59,15 @@ def make_tiny_checkpoint(
     tie_word_embeddings: bool = True,
     hidden_act: str = "relu2",
     embedding_std: float | None = None,
+    head_std: float | None = None,
 ) -> Path:
     """Write a tiny BitNet checkpoint to ``model_dir`` and return it.
 
     ``form``: ``"float"`` (master weights, as plain Transformers saves them), ``"packed"`` (uint8 + weight_scale,
     ``autobitlinear`` multiply convention) or ``"packed_divide"`` (``linear_class="bitlinear"``: the scale is 1/mean|W|).
     ``hidden_act``: the FFN activation (``relu2`` BitNet b1.58, ``silu`` 1bitLLM style). ``embedding_std``: draw the
-    (tied) embedding with this std instead of the initializer's 0.02, for logits spread enough that the top-1 token
-    of a random model is well separated (runtime comparisons).
+    (tied) embedding with this std instead of the initializer's 0.02; ``head_std`` likewise an untied ``lm_head``: a
+    random model whose logits are spread enough that its top-1 token is well separated (runtime comparisons).
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,8 @@ def make_tiny_checkpoint(
                 param.uniform_(0.5, 1.5)
             elif embedding_std is not None and name.endswith("embed_tokens.weight"):
                 param.normal_(0.0, embedding_std)
+            elif head_std is not None and name == "lm_head.weight" and not tie_word_embeddings:
+                param.normal_(0.0, head_std)
     if form == "float":
         model.save_pretrained(model_dir)
         return model_dir

@@ -279,3 +279,27 @@ def test_export_help_names_which_runtime_runs_which_file(capsys):
     for text in ("--allow-activation-mismatch", "--overwrite", "bitnet-b1.58", "llama.cpp", "bitnet.cpp", "relu2",
                  "silu", "BitNetGGUFReader"):
         assert text in out, text
+
+
+def test_an_untied_head_is_refused_unless_asked_and_a_duplicated_tied_head_is_written_once(ckpt, tmp_path):
+    """No runtime computes an untied lm_head from a BitNet GGUF (measured: the bitnet arch refuses output.weight,
+    bitnet.cpp's bitnet-b1.58 runs token_embd as the head)."""
+    untied = make_tiny_checkpoint(tmp_path / "untied", form="packed", tie_word_embeddings=False)
+    with pytest.raises(GGUFExportError, match="untied lm_head.*--allow-untied-head"):
+        export_gguf(untied, tmp_path / "u.gguf", "i2_s")
+    report = export_gguf(untied, tmp_path / "u.gguf", "i2_s", allow_untied_head=True)
+    assert report.runtimes == () and any("output.weight" in note for note in report.notes)
+    assert "lm_head.weight" in load_gguf(tmp_path / "u.gguf")[1]
+    doubled = copy_checkpoint(ckpt["relu2"], tmp_path / "doubled")
+    state = load_file(str(doubled / "model.safetensors"))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(doubled / "model.safetensors"))
+    report = export_gguf(doubled, tmp_path / "d.gguf", "i2_s")
+    assert "output.weight" not in {t.name for t in gguf_reader_tensors(tmp_path / "d.gguf")}
+    assert report.runtimes == ("bitnet.cpp",)
+
+
+def gguf_reader_tensors(path):
+    from bitnet_torch.formats import BitNetGGUFReader
+
+    return BitNetGGUFReader(path).tensors

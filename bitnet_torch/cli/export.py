@@ -16,7 +16,8 @@ which runtime runs which file (GGUF stores no activation: each runtime's graph f
   silu (1bitLLM style) bitnet         i2_s, tq2_0, tq1_0, f16      tq2_0, tq1_0, f16 (no i2_s: type 36)
 
   bitnet-25 is bitnet.cpp's other squared-ReLU arch. An arch whose FFN is not the model's is refused
-  (it would load and compute a different model) unless --allow-activation-mismatch.
+  (it would load and compute a different model) unless --allow-activation-mismatch. Every runtime needs a
+  tied lm_head (tie_word_embeddings): an untied one is refused unless --allow-untied-head.
 
 reading the files back: i2_s (type 36) is not an upstream ggml type, so the stock gguf-py GGUFReader cannot
 open it; bitnet_torch.formats.BitNetGGUFReader (or load_gguf / BitNetForCausalLM.from_gguf) reads every type.
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         extra_metadata=not args.standard_keys_only,
         overwrite=args.overwrite,
         allow_activation_mismatch=args.allow_activation_mismatch,
+        allow_untied_head=args.allow_untied_head,
     )
     seconds = time.perf_counter() - started
     types = ", ".join(f"{n} {t.upper()}" for t, n in sorted(report.tensor_types.items()))
@@ -78,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     g.add_argument("--allow-activation-mismatch", action="store_true",
                    help="write an --arch whose runtime FFN activation differs from the model's (the file then "
                         "computes a different model)")
+    g.add_argument("--allow-untied-head", action="store_true",
+                   help="write an untied lm_head as output.weight (only bitnet_torch reads it back: the runtimes' "
+                        "bitnet arch refuses the file, bitnet-b1.58 ignores it and uses token_embd)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--pre-tokenizer", default=None, help="override tokenizer.ggml.pre (llama.cpp pre-tokenizer name)")
     g.add_argument("--embedding-type", choices=("f16", "f32"), default="f16", help="storage of embeddings (default: f16)")

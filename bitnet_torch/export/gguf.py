@@ -14,7 +14,9 @@ The seven projections of each layer are stored in the chosen type:
 
 A projection whose row length does not fit the type's block is written as F16 instead (as llama.cpp's
 converter does) and reported. Embeddings are F16 (or F32), norms F32; a tied ``lm_head`` is not
-written (the runtimes reuse ``token_embd``).
+written (the runtimes reuse ``token_embd``). An untied ``lm_head`` is refused unless asked: the ``bitnet``
+arch refuses a file with ``output.weight`` in both runtimes, and bitnet.cpp's ``bitnet-b1.58`` /
+``bitnet-25`` load it but compute the head with ``token_embd`` (measured: a different model).
 
 **Architecture and FFN activation.** GGUF has no activation key: each runtime's graph for an architecture
 name hard-codes it (table in :mod:`bitnet_torch.formats.gguf_layout`). ``bitnet`` is SiLU in both
@@ -273,6 +275,19 @@ def _collect_tensors(
     return out
 
 
+def _drop_tied_head(collected: _CollectedTensors, report: GGUFExportReport, embedding_type: str) -> str | None:
+    """Remove ``output.weight`` when it equals ``token_embd`` (a tied head saved twice); return it if it stays."""
+    by_name = {name: data for name, data, _ in collected.tensors}
+    if "output.weight" not in by_name:
+        return None
+    embed = by_name.get("token_embd.weight")
+    if embed is not None and embed.shape == by_name["output.weight"].shape and np.array_equal(embed, by_name["output.weight"]):
+        collected.tensors = [t for t in collected.tensors if t[0] != "output.weight"]
+        report.tensor_types[embedding_type] -= 1
+        return None
+    return "output.weight"
+
+
 def export_gguf(
     model_dir: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -286,13 +301,16 @@ def export_gguf(
     extra_metadata: bool = True,
     overwrite: bool = False,
     allow_activation_mismatch: bool = False,
+    allow_untied_head: bool = False,
 ) -> GGUFExportReport:
     """Write the checkpoint in ``model_dir`` as one GGUF file at ``out_path``; returns a report.
 
     ``type`` picks the storage of the ternary projections (see the module docstring). ``arch`` defaults
     to the architecture whose runtime graph computes the model's ``hidden_act`` (``relu2`` →
     ``bitnet-b1.58``, ``silu`` → ``bitnet``); an ``arch`` that computes another activation is refused
-    unless ``allow_activation_mismatch``. ``pre_tokenizer`` overrides the detected ``tokenizer.ggml.pre``.
+    unless ``allow_activation_mismatch``. An untied ``lm_head`` is refused unless ``allow_untied_head`` (no
+    runtime computes it: the ``bitnet`` arch refuses ``output.weight``, bitnet.cpp's ``bitnet-b1.58`` /
+    ``bitnet-25`` ignore it and use ``token_embd``); a tied head saved twice is written once. ``pre_tokenizer`` overrides the detected ``tokenizer.ggml.pre``.
     With ``verify`` (default) the file is read back and every ternary weight is compared bit-exactly with
     the checkpoint before the file takes its name. ``extra_metadata=False`` writes only the standard keys
     (no ``bitnet_torch.*``: an import then rebuilds the config from the standard keys and takes the scales
@@ -333,6 +351,16 @@ def export_gguf(
                             f"{ARCH_ACTIVATION[arch]!r} FFN, the model uses {activation!r}")
     collected = _collect_tensors(model_dir, config, type, embedding_type, report)
     check_config_against_shapes(config, collected.shapes, f"config.json of {model_dir}")
+    if _drop_tied_head(collected, report, embedding_type) is not None and not allow_untied_head:
+        raise GGUFExportError(
+            f"{model_dir} has an untied lm_head (its own lm_head.weight): no runtime computes that from a BitNet GGUF "
+            "(both runtimes' bitnet arch refuse a file with output.weight; bitnet.cpp's bitnet-b1.58 and bitnet-25 load "
+            "it but use token_embd as the head, a different model); allow_untied_head=True (--allow-untied-head) "
+            "writes output.weight anyway, for bitnet_torch's own reader only"
+        )
+    if "output.weight" in {name for name, _, _ in collected.tensors}:
+        report.runtimes = ()
+        report.notes.append("output.weight (untied lm_head) is written: no runtime computes this model from the file")
     for line in report.fallbacks:
         logger.info("%s", line)
 
