@@ -84,6 +84,9 @@ def test_export_refuses_an_existing_output_unless_overwrite(ckpt, tmp_path):
     assert out.read_bytes() == b"precious"
     export_gguf(ckpt["relu2"], out, "tq2_0", overwrite=True)
     assert out.read_bytes()[:4] == b"GGUF"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # a normal file, not the temporary file's 0600
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "config.json", "tokenizer.json"])
@@ -198,6 +201,10 @@ def test_an_embedded_config_with_absurd_layers_is_refused_at_once(good_gguf, tmp
     bad = rewrite_gguf(good_gguf, tmp_path / "std.gguf", {"bitnet-b1.58.block_count": 30_000_000},
                        drop_fields=("bitnet_torch.hf_config",))
     with pytest.raises(GGUFError, match="num_hidden_layers=30000000"):
+        load_gguf(bad)
+    bad = rewrite_gguf(good_gguf, tmp_path / "nokey.gguf", drop_fields=("bitnet_torch.hf_config",
+                                                                         "bitnet-b1.58.feed_forward_length"))
+    with pytest.raises(GGUFError, match="no bitnet-b1.58.feed_forward_length"):
         load_gguf(bad)
 
 

@@ -275,6 +275,12 @@ def _collect_tensors(
     return out
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _drop_tied_head(collected: _CollectedTensors, report: GGUFExportReport, embedding_type: str) -> str | None:
     """Remove ``output.weight`` when it equals ``token_embd`` (a tied head saved twice); return it if it stays."""
     by_name = {name: data for name, data, _ in collected.tensors}
@@ -388,6 +394,7 @@ def export_gguf(
         if verify:
             report.verified_ternary_tensors = verify_gguf(partial, model_dir)
         report.n_bytes = partial.stat().st_size
+        os.chmod(partial, 0o666 & ~_current_umask())  # mkstemp makes it private; the export is a normal file
         os.replace(partial, out_path)
     finally:  # also on KeyboardInterrupt: no partial file is left behind
         writer.close()

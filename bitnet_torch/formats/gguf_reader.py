@@ -212,7 +212,12 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     config = _stored_config(reader, path)
     source = f"the {KEY_HF_CONFIG} of {path}"
     if config is None:
-        config = _config_from_metadata(reader, arch, vocab_size, path)
+        try:
+            config = _config_from_metadata(reader, arch, vocab_size, path)
+        except (TypeError, ValueError, OverflowError) as exc:
+            if isinstance(exc, GGUFError):
+                raise
+            raise GGUFError(f"{path}: a {arch}.* size key is not a number ({exc}): corrupt metadata") from exc
         source = f"the metadata of {path}"
     check_config_against_shapes(config, {hf_names[t.name]: _hf_shape(t) for t in reader.tensors}, source)
     config["quantization_config"] = {
