@@ -31,6 +31,7 @@ __all__ = [
     "KEY_HF_CONFIG",
     "KEY_SCALES",
     "KEY_SCALE_NAMES",
+    "PRE_TOKENIZER_REGEXES",
     "GGUFError",
     "check_config_against_shapes",
     "gguf_to_hf_name",
@@ -62,6 +63,16 @@ _TYPE_RUNTIMES: dict[str, tuple[str, ...]] = {
 }
 #: Transformers ``hidden_act`` spellings of the two activations the runtimes implement.
 _ACTIVATION_NAMES: dict[str, str] = {"relu2": "relu2", "silu": "silu", "swish": "silu"}
+
+#: Pre-tokenizer regexes llama.cpp knows, by its ``tokenizer.ggml.pre`` name (written by export, read back by
+#: :mod:`.gguf_tokenizer`).
+PRE_TOKENIZER_REGEXES: dict[str, str] = {
+    "llama-bpe": (
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+        "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+    ),
+    "gpt-2": "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+",
+}
 
 KEY_HF_CONFIG = "bitnet_torch.hf_config"
 KEY_SCALE_NAMES = "bitnet_torch.ternary.names"

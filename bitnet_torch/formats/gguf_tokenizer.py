@@ -13,20 +13,10 @@ from pathlib import Path
 
 import gguf
 
-from .gguf_layout import GGUFError
+from .gguf_layout import PRE_TOKENIZER_REGEXES, GGUFError
 from .gguf_reader import field_value, open_gguf
 
 __all__ = ["PRE_TOKENIZER_REGEXES", "tokenizer_from_gguf"]
-
-#: Pre-tokenizer regexes by llama.cpp ``tokenizer.ggml.pre`` name (the writer's table: export/tokenizer_metadata).
-PRE_TOKENIZER_REGEXES: dict[str, str] = {
-    "llama-bpe": (
-        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-        "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-    ),
-    "gpt-2": None,  # GPT-2's own regex, built into the ByteLevel pre-tokenizer
-}
-
 
 def _pre_tokenizer(pre: str, path: Path):
     from tokenizers import Regex, pre_tokenizers
@@ -36,9 +26,9 @@ def _pre_tokenizer(pre: str, path: Path):
             f"{path}: tokenizer.ggml.pre is {pre!r}; a tokenizer can be rebuilt for {sorted(PRE_TOKENIZER_REGEXES)} "
             "only: pass --tokenizer DIR (a directory with tokenizer.json)"
         )
-    regex = PRE_TOKENIZER_REGEXES[pre]
-    if regex is None:
+    if pre == "gpt-2":  # GPT-2's regex is the one built into the ByteLevel pre-tokenizer
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    regex = PRE_TOKENIZER_REGEXES[pre]
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
