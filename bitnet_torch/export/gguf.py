@@ -372,10 +372,11 @@ def export_gguf(
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, partial_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(fd)
     partial = Path(partial_name)
-    writer = gguf.GGUFWriter(partial, arch)
+    writer: gguf.GGUFWriter | None = None
     try:
+        os.close(fd)
+        writer = gguf.GGUFWriter(partial, arch)
         _add_architecture_metadata(writer, config, vocab_size, name or model_dir.resolve().name)
         writer.add_file_type(_FILE_TYPE[type])
         if type != "f16":
@@ -397,7 +398,8 @@ def export_gguf(
         os.chmod(partial, 0o666 & ~_current_umask())  # mkstemp makes it private; the export is a normal file
         os.replace(partial, out_path)
     finally:  # also on KeyboardInterrupt: no partial file is left behind
-        writer.close()
+        if writer is not None:
+            writer.close()
         partial.unlink(missing_ok=True)
     logger.info("wrote %s (%s, arch %s, %d bytes)", out_path, type, arch, report.n_bytes)
     return report
