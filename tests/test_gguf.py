@@ -143,6 +143,7 @@ def checkpoints(tmp_path_factory):
         "packed": make_tiny_checkpoint(root / "packed", form="packed"),
         "float": make_tiny_checkpoint(root / "float", form="float"),
         "packed_divide": make_tiny_checkpoint(root / "divide", form="packed_divide", tie_word_embeddings=False),
+        "silu": make_tiny_checkpoint(root / "silu", form="packed", hidden_act="silu"),
     }
 
 
@@ -170,7 +171,7 @@ def expected_projections(model_dir, form):
 def test_round_trip_hf_gguf_hf_is_bit_exact_for_ternary_weights(checkpoints, tmp_path, form, gguf_type):
     model_dir = checkpoints[form]
     out = tmp_path / f"model-{gguf_type}.gguf"
-    report = export_gguf(model_dir, out, gguf_type)
+    report = export_gguf(model_dir, out, gguf_type, allow_untied_head=form == "packed_divide")
     assert report.verified_ternary_tensors == 2 * len(PROJECTIONS)
     assert report.tensor_types.get(gguf_type) == 2 * len(PROJECTIONS) + (2 if gguf_type == "f16" else 0) - (
         1 if gguf_type == "f16" and form != "packed_divide" else 0
@@ -193,21 +194,25 @@ def test_round_trip_hf_gguf_hf_is_bit_exact_for_ternary_weights(checkpoints, tmp
         assert "lm_head.weight" in state
 
 
-def test_exported_file_reads_with_gguf_reader_and_carries_metadata(checkpoints, tmp_path):
+@pytest.mark.parametrize("form,arch", [("packed", "bitnet-b1.58"), ("silu", "bitnet")])
+def test_exported_file_reads_with_gguf_reader_and_carries_metadata(checkpoints, tmp_path, form, arch):
+    """The architecture follows the FFN activation: relu2 -> bitnet-b1.58 (bitnet.cpp), silu -> bitnet (llama.cpp)."""
     out = tmp_path / "m.gguf"
-    export_gguf(checkpoints["packed"], out, "tq2_0")
+    report = export_gguf(checkpoints[form], out, "tq2_0")
+    assert report.arch == arch
+    assert report.runtimes == (("bitnet.cpp", "llama.cpp") if arch == "bitnet" else ("bitnet.cpp",))
     reader = gguf.GGUFReader(out)  # the unmodified reader handles TQ files
     fields = {k: f.contents() for k, f in reader.fields.items()}
-    config = json.loads((checkpoints["packed"] / "config.json").read_text())
-    assert fields["general.architecture"] == "bitnet"
-    assert fields["bitnet.block_count"] == config["num_hidden_layers"]
-    assert fields["bitnet.embedding_length"] == config["hidden_size"]
-    assert fields["bitnet.feed_forward_length"] == config["intermediate_size"]
-    assert fields["bitnet.attention.head_count"] == 4 and fields["bitnet.attention.head_count_kv"] == 2
-    assert fields["bitnet.rope.freq_base"] == 500000.0
+    config = json.loads((checkpoints[form] / "config.json").read_text())
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.block_count"] == config["num_hidden_layers"]
+    assert fields[f"{arch}.embedding_length"] == config["hidden_size"]
+    assert fields[f"{arch}.feed_forward_length"] == config["intermediate_size"]
+    assert fields[f"{arch}.attention.head_count"] == 4 and fields[f"{arch}.attention.head_count_kv"] == 2
+    assert fields[f"{arch}.rope.freq_base"] == 500000.0
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_TQ2_0
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
-    tokenizer = json.loads((checkpoints["packed"] / "tokenizer.json").read_text())
+    tokenizer = json.loads((checkpoints[form] / "tokenizer.json").read_text())
     assert len(fields["tokenizer.ggml.tokens"]) == config["vocab_size"]
     assert fields["tokenizer.ggml.tokens"][0] == "<|begin_of_text|>"
     assert fields["tokenizer.ggml.tokens"][-1].startswith("[PAD")

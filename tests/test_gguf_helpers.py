@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,11 +57,17 @@ def make_tiny_checkpoint(
     num_layers: int = 2,
     extra_vocab_rows: int = 8,
     tie_word_embeddings: bool = True,
+    hidden_act: str = "relu2",
+    embedding_std: float | None = None,
+    head_std: float | None = None,
 ) -> Path:
     """Write a tiny BitNet checkpoint to ``model_dir`` and return it.
 
     ``form``: ``"float"`` (master weights, as plain Transformers saves them), ``"packed"`` (uint8 + weight_scale,
     ``autobitlinear`` multiply convention) or ``"packed_divide"`` (``linear_class="bitlinear"``: the scale is 1/mean|W|).
+    ``hidden_act``: the FFN activation (``relu2`` BitNet b1.58, ``silu`` 1bitLLM style). ``embedding_std``: draw the
+    (tied) embedding with this std instead of the initializer's 0.02; ``head_std`` likewise an untied ``lm_head``: a
+    random model whose logits are spread enough that its top-1 token is well separated (runtime comparisons).
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -77,13 +84,18 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
+        hidden_act=hidden_act,
     )
     torch.manual_seed(1234)
     model = BitNetForCausalLM(config)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            with torch.no_grad():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
+            elif embedding_std is not None and name.endswith("embed_tokens.weight"):
+                param.normal_(0.0, embedding_std)
+            elif head_std is not None and name == "lm_head.weight" and not tie_word_embeddings:
+                param.normal_(0.0, head_std)
     if form == "float":
         model.save_pretrained(model_dir)
         return model_dir
@@ -107,3 +119,30 @@ def make_tiny_checkpoint(
     }
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return model_dir
+
+
+def rewrite_gguf(src: Path, dst: Path, set_fields: dict | None = None, drop_fields: tuple[str, ...] = ()) -> Path:
+    """Copy a (non-I2_S) GGUF file with some metadata values replaced or dropped: files our exporter refuses to
+    write (a config contradicting the tensors, a broken ``hf_config``), for the reader's refusal tests."""
+    import gguf
+
+    set_fields = set_fields or {}
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.get_field("general.architecture").contents())
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_fields:
+            continue
+        vtype = fld.types[0]
+        sub_type = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, set_fields.get(key, fld.contents()), vtype, sub_type=sub_type)
+    for tensor in reader.tensors:
+        kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+        if kind in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            writer.add_tensor(tensor.name, np.asarray(tensor.data))
+        else:
+            writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

@@ -7,6 +7,22 @@ import time
 
 from ._common import _require_path
 
+#: Which runtime runs which file: the ``export gguf --help`` epilog (measured: tests/test_native_interop.py).
+_RUNTIME_TABLE = """\
+which runtime runs which file (GGUF stores no activation: each runtime's graph for an arch hard-codes it):
+
+  model hidden_act   arch (default)   bitnet.cpp                   upstream llama.cpp
+  relu2 (BitNet b1.58) bitnet-b1.58   i2_s, tq2_0, tq1_0, f16      none (no squared-ReLU BitNet arch)
+  silu (1bitLLM style) bitnet         i2_s, tq2_0, tq1_0, f16      tq2_0, tq1_0, f16 (no i2_s: type 36)
+
+  bitnet-25 is bitnet.cpp's other squared-ReLU arch. An arch whose FFN is not the model's is refused
+  (it would load and compute a different model) unless --allow-activation-mismatch. Every runtime needs a
+  tied lm_head (tie_word_embeddings): an untied one is refused unless --allow-untied-head.
+
+reading the files back: i2_s (type 36) is not an upstream ggml type, so the stock gguf-py GGUFReader cannot
+open it; bitnet_torch.formats.BitNetGGUFReader (or load_gguf / BitNetForCausalLM.from_gguf) reads every type.
+"""
+
 
 def run(args: argparse.Namespace) -> int:
     from ..export import export_gguf
@@ -23,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         verify=not args.no_verify,
         extra_metadata=not args.standard_keys_only,
+        overwrite=args.overwrite,
+        allow_activation_mismatch=args.allow_activation_mismatch,
+        allow_untied_head=args.allow_untied_head,
     )
     seconds = time.perf_counter() - started
     types = ", ".join(f"{n} {t.upper()}" for t, n in sorted(report.tensor_types.items()))
@@ -30,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
           f"in {seconds:.1f}s")
     if report.verified_ternary_tensors:
         print(f"verified: {report.verified_ternary_tensors} ternary tensors read back bit-exactly")
+    if report.runtimes:
+        print(f"runs as this model ({report.activation} FFN) in: {', '.join(report.runtimes)}")
     for line in report.fallbacks + report.notes:
         print(f"note: {line}")
     return 0
@@ -39,20 +60,30 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     """Add the ``export`` subcommand to ``sub``."""
     p = sub.add_parser("export", help="export a checkpoint (GGUF)", description="Export a checkpoint to another runtime.")
     export_sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    from ..export.gguf import _DEFAULT_ARCH, GGUF_ARCHITECTURES, GGUF_TYPES  # noqa: PLC0415
+    from ..formats.gguf_layout import GGUF_ARCHITECTURES, GGUF_TYPES  # noqa: PLC0415 - no torch/gguf import here
 
     g = export_sub.add_parser(
-        "gguf", parents=[common], help="GGUF for bitnet.cpp (i2_s) and llama.cpp (tq1_0, tq2_0, f16)",
+        "gguf", parents=[common], help="GGUF for bitnet.cpp (every type) and llama.cpp (tq1_0, tq2_0, f16; silu models)",
         description="Write a BitNet checkpoint (packed or master, Transformers layout) as one GGUF file with "
-                    "its tokenizer; every ternary weight is read back and checked bit-exactly.",
+                    "its tokenizer; every ternary weight is read back and checked bit-exactly before the file "
+                    "takes its name (an interrupted export leaves nothing behind).",
+        epilog=_RUNTIME_TABLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g.add_argument("model_dir", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
-    g.add_argument("out", help="output .gguf path")
+    g.add_argument("out", help="output .gguf path (never a file of the checkpoint; an existing file needs --overwrite)")
     g.add_argument("--type", choices=GGUF_TYPES, default="i2_s",
-                   help="storage of the ternary projections: i2_s (bitnet.cpp, 2 bits), tq2_0 (llama.cpp, 2.06 bits), "
-                        "tq1_0 (llama.cpp, 1.69 bits), f16 (default: %(default)s)")
+                   help="storage of the ternary projections: i2_s (bitnet.cpp only, 2 bits), tq2_0 (2.06 bits), "
+                        "tq1_0 (1.69 bits), f16 (default: %(default)s)")
     g.add_argument("--arch", choices=GGUF_ARCHITECTURES, default=None,
-                   help="architecture name (default: " + ", ".join(f"{t}: {a}" for t, a in _DEFAULT_ARCH.items()) + ")")
+                   help="architecture name (default: the one whose runtime graph computes the model's hidden_act: "
+                        "relu2 -> bitnet-b1.58, silu -> bitnet)")
+    g.add_argument("--allow-activation-mismatch", action="store_true",
+                   help="write an --arch whose runtime FFN activation differs from the model's (the file then "
+                        "computes a different model)")
+    g.add_argument("--allow-untied-head", action="store_true",
+                   help="write an untied lm_head as output.weight (only bitnet_torch reads it back: the runtimes' "
+                        "bitnet arch refuses the file, bitnet-b1.58 ignores it and uses token_embd)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--pre-tokenizer", default=None, help="override tokenizer.ggml.pre (llama.cpp pre-tokenizer name)")
     g.add_argument("--embedding-type", choices=("f16", "f32"), default="f16", help="storage of embeddings (default: f16)")
     g.add_argument("--name", default=None, help="general.name (default: the directory name)")

@@ -10,7 +10,8 @@ from ._common import CLIError, _require_path, _set_threads
 
 
 def _load_for_generation(args: argparse.Namespace):
-    """(model, tokenizer) for ``generate``: a checkpoint directory or a .gguf file (+ --tokenizer)."""
+    """(model, tokenizer) for ``generate``: a checkpoint directory or a .gguf file (its embedded tokenizer
+    unless --tokenizer)."""
     from transformers import AutoTokenizer
 
     model_path = _require_path(args.model, "model")
@@ -18,11 +19,15 @@ def _load_for_generation(args: argparse.Namespace):
     if model_path.is_file():
         if model_path.suffix != ".gguf":
             raise CLIError(f"{model_path} is a file but not a .gguf; pass a checkpoint directory or a GGUF file")
-        if not args.tokenizer:
-            raise CLIError("a .gguf model needs --tokenizer DIR (a directory with tokenizer.json)")
-        from ..export import model_from_gguf
+        from ..models import BitNetForCausalLM
 
-        model = model_from_gguf(model_path, quantize_lm_head=int8_head, quantize_embedding=int8_head)
+        if args.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(_require_path(args.tokenizer, "tokenizer"))
+        else:  # the vocabulary, merges, special tokens and chat template the runtimes read from the file
+            from ..formats.gguf_tokenizer import tokenizer_from_gguf
+
+            tokenizer = tokenizer_from_gguf(model_path)
+        model = BitNetForCausalLM.from_gguf(model_path, quantize_lm_head=int8_head, quantize_embedding=int8_head)
     else:
         from ..models import BitNetForCausalLM
 
@@ -30,8 +35,7 @@ def _load_for_generation(args: argparse.Namespace):
         # The int8 head shares its tensor with the embedding when they are tied (the 2B-4T case): one int8 matrix.
         model = BitNetForCausalLM.from_pretrained(model_path, packed=True, quantize_lm_head=int8_head,
                                                   quantize_embedding=int8_head)
-    tokenizer_path = _require_path(args.tokenizer or model_path, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(_require_path(args.tokenizer or model_path, "tokenizer"))
     from .. import backend_info
 
     head = "int8" if type(model.lm_head).__name__.startswith("Int8") else "float"
@@ -141,7 +145,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--prompt", "-p", default=None, help="text to continue (with --chat: a single user turn)")
     p.add_argument("--chat", action="store_true", help="chat with the tokenizer's chat template (interactive without --prompt)")
     p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (default: the model directory; for a .gguf, the tokenizer it embeds)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), >0 samples")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass when sampling (default: %(default)s)")

@@ -15,6 +15,8 @@ _TRAIN_HELP = {
     "tokenizer": "reuse a saved tokenizer instead of training a byte-level BPE",
     "vocab_size": "vocabulary of the BPE tokenizer trained on the corpus",
     "preset": "model size preset (see bitnet_torch.training.PRESETS)",
+    "hidden_act": "FFN activation: relu2 (BitNet b1.58, the presets' default; GGUF for bitnet.cpp) or silu "
+                  "(1bitLLM style; GGUF that upstream llama.cpp runs too)",
     "block_size": "tokens per training sequence",
     "batch_size": "sequences per device per optimizer step",
     "gradient_accumulation_steps": "micro-batches per optimizer step",

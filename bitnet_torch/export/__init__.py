@@ -1,8 +1,8 @@
-"""Exports of BitNet checkpoints to other runtimes: GGUF for llama.cpp (TQ1_0/TQ2_0) and bitnet.cpp (I2_S).
+"""Exports of BitNet checkpoints to other runtimes: GGUF for bitnet.cpp (I2_S, every type) and llama.cpp (TQ1_0/TQ2_0/F16).
 
 * :func:`export_gguf` — checkpoint directory → one ``.gguf`` file (verified bit-exactly on the way out);
-* :func:`load_gguf` — ``.gguf`` → ``(config, state_dict)`` in the packed checkpoint layout;
-* :func:`model_from_gguf` — ``.gguf`` → ``BitNetForCausalLM`` (the ``from_gguf`` hook).
+* :func:`load_gguf` / :func:`model_from_gguf` / :class:`BitNetGGUFReader` — reading, re-exported from
+  :mod:`bitnet_torch.formats` (below ``models``, which uses it for ``BitNetForCausalLM.from_gguf``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .gguf import (
     BitNetGGUFReader,
     GGUFExportError,
     GGUFExportReport,
+    default_arch,
     export_gguf,
     load_gguf,
     model_from_gguf,
@@ -27,6 +28,7 @@ __all__ = [
     "GGUFExportReport",
     "GGUF_ARCHITECTURES",
     "GGUF_TYPES",
+    "default_arch",
     "export_gguf",
     "load_gguf",
     "model_from_gguf",

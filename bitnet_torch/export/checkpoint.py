@@ -12,6 +12,7 @@ matrix and its scale in the multiply convention (``mean|W|``). This reads checkp
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,8 @@ def iter_checkpoint_tensors(model_dir: Path, config: dict | None = None) -> Iter
 
     Tensors are read one at a time (memory stays near the largest tensor). Raises :class:`CheckpointError`
     for a packed weight without its ``weight_scale``, a ``weight_scale`` without weight, or a packed
-    tensor holding the unused code 3.
+    tensor holding the unused code 3, and a ``weight_scale`` that is not finite, negative, or 0 in the divide
+    convention (``linear_class: bitlinear``, where the weight is divided by it).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir) if config is None else config
@@ -136,7 +138,14 @@ def iter_checkpoint_tensors(model_dir: Path, config: dict | None = None) -> Iter
                 ternary = unpack_ternary(tensor)
             except ValueError as exc:
                 raise CheckpointError(f"{name}: {exc}") from exc
+            if stored.numel() == 0:
+                raise CheckpointError(f"{scale_name} is empty in {model_dir}")
             value = float(stored.float().reshape(-1)[0])
+            if not math.isfinite(value) or value < 0 or (value == 0 and convention == "divide"):
+                raise CheckpointError(
+                    f"{scale_name} is {value} ({convention} convention of linear_class): a BitNet weight scale is a "
+                    f"finite {'positive' if convention == 'divide' else 'non-negative'} number; the checkpoint is corrupt"
+                )
             scale = 1.0 / value if convention == "divide" else value
             yield CheckpointTensor(name=name, ternary=ternary, scale=scale, scale_dtype=stored.dtype)
         elif tensor.dtype.is_floating_point:

@@ -17,18 +17,11 @@ from pathlib import Path
 
 import gguf
 
+from ..formats.gguf_layout import PRE_TOKENIZER_REGEXES
+
 __all__ = ["TokenizerMetadataError", "TokenizerMetadata", "read_tokenizer_metadata", "PRE_TOKENIZER_REGEXES"]
 
 logger = logging.getLogger(__name__)
-
-#: Pre-tokenizer regexes llama.cpp knows, by its ``tokenizer.ggml.pre`` name.
-PRE_TOKENIZER_REGEXES: dict[str, str] = {
-    "llama-bpe": (
-        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-        "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-    ),
-    "gpt-2": "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+",
-}
 
 #: Tokens that end a chat turn in common templates (→ ``tokenizer.ggml.eot_token_id``).
 _END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end_of_turn|>", "<end_of_turn>")

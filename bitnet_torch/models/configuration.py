@@ -12,8 +12,10 @@ and a Microsoft ``config.json`` is read by us. What we add:
   A config without one is taken to describe float master weights (``online``).
 * ``quantize_lm_head`` (default False): run the output head as int8 per output channel
   (:class:`~bitnet_torch.nn.Int8Linear`); logits then differ slightly from Transformers'.
-* ``hidden_act`` is ``"relu2"`` in BitNet b1.58; other activations are accepted for models converted from
-  Llama (:func:`~bitnet_torch.models.convert_llama_to_bitnet` keeps ``"silu"``).
+* ``hidden_act`` is ``"relu2"`` (squared ReLU) in BitNet b1.58 (Microsoft's 2B-4T, bitnet.cpp's GGUF arch
+  ``bitnet-b1.58``); ``"silu"`` is the 1bitLLM-style BitNet FFN (upstream llama.cpp's GGUF arch ``bitnet``) and
+  what :func:`~bitnet_torch.models.convert_llama_to_bitnet` keeps from a Llama. Any Transformers activation
+  name (``ACT2FN``) is accepted; an unknown one is refused when the config is built.
 * ``quantize_embedding`` (default False): hold the input embedding as int8 rows × fp32 scale; with tied
   embeddings and ``quantize_lm_head`` the two share one int8 tensor.
 
@@ -93,6 +95,17 @@ def normalize_quantization_config(value: Any) -> dict[str, Any]:
     return config
 
 
+def _check_hidden_act(hidden_act: Any) -> None:
+    """Refuse an FFN activation Transformers does not know (else the model fails later with a bare KeyError)."""
+    from transformers.activations import ACT2FN
+
+    if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
+        raise ValueError(
+            f"hidden_act={hidden_act!r} is not a Transformers activation; BitNet models use 'relu2' (BitNet b1.58) "
+            "or 'silu' (1bitLLM style, what upstream llama.cpp's GGUF arch 'bitnet' computes)"
+        )
+
+
 class BitNetConfig(_TransformersBitNetConfig):
     """Configuration of :class:`~bitnet_torch.models.BitNetForCausalLM` (a Transformers ``BitNetConfig``).
 
@@ -111,6 +124,7 @@ class BitNetConfig(_TransformersBitNetConfig):
         quantization_config = normalize_quantization_config(kwargs.pop("quantization_config", None))
         super().__post_init__(**kwargs)
         self.quantization_config = quantization_config
+        _check_hidden_act(self.hidden_act)
 
     @property
     def is_packed(self) -> bool:

@@ -7,8 +7,11 @@ SubLN norms of the BitNet architecture (``attn_sub_norm`` before ``o_proj``, ``f
 
 An RMSNorm with weight 1 is **not** the identity: it rescales each token's attention output / MLP hidden
 state to unit RMS. The converted model therefore differs from the original even at λ = 0; the warm-up
-(``bitnet_torch.set_lambda`` from 0 to 1 while training) is what adapts the weights to it. The MLP keeps the
-source activation (``silu`` for Llama) rather than BitNet b1.58's ``relu2``, so that nothing else changes.
+(``bitnet_torch.set_lambda`` from 0 to 1 while training) is what adapts the weights to it. By default the MLP
+keeps the source activation (``silu`` for Llama) rather than BitNet b1.58's ``relu2``, so that nothing else
+changes: the result is a 1bitLLM-style SiLU BitNet, which GGUF exports as arch ``bitnet`` (upstream llama.cpp
+and bitnet.cpp both compute it). ``hidden_act="relu2"`` switches to BitNet b1.58's squared ReLU instead
+(bitnet.cpp's ``bitnet-b1.58``; the model then departs further from the source and training must adapt it).
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from .modeling import BitNetForCausalLM
 __all__ = ["convert_llama_to_bitnet", "bitnet_config_from_llama"]
 
 
-def bitnet_config_from_llama(llama_config) -> BitNetConfig:
-    """The :class:`BitNetConfig` with a Llama config's shape (master form). Refuses what BitNet cannot express."""
+def bitnet_config_from_llama(llama_config, hidden_act: str | None = None) -> BitNetConfig:
+    """The :class:`BitNetConfig` with a Llama config's shape (master form). Refuses what BitNet cannot express.
+
+    ``hidden_act``: ``None`` keeps the source's activation (``silu`` for a Llama); ``"relu2"`` (or another
+    Transformers activation name) replaces it.
+    """
     head_dim = getattr(llama_config, "head_dim", None) or llama_config.hidden_size // llama_config.num_attention_heads
     if head_dim * llama_config.num_attention_heads != llama_config.hidden_size:
         raise ValueError(
@@ -40,7 +47,7 @@ def bitnet_config_from_llama(llama_config) -> BitNetConfig:
         num_hidden_layers=llama_config.num_hidden_layers,
         num_attention_heads=llama_config.num_attention_heads,
         num_key_value_heads=llama_config.num_key_value_heads,
-        hidden_act=llama_config.hidden_act,
+        hidden_act=llama_config.hidden_act if hidden_act is None else hidden_act,
         max_position_embeddings=llama_config.max_position_embeddings,
         initializer_range=llama_config.initializer_range,
         rms_norm_eps=llama_config.rms_norm_eps,
@@ -54,15 +61,17 @@ def bitnet_config_from_llama(llama_config) -> BitNetConfig:
     )
 
 
-def convert_llama_to_bitnet(llama_model: nn.Module) -> BitNetForCausalLM:
+def convert_llama_to_bitnet(llama_model: nn.Module, hidden_act: str | None = None) -> BitNetForCausalLM:
     """Return a trainable :class:`BitNetForCausalLM` sharing ``llama_model``'s weights, SubLN norms added.
 
     ``llama_model`` is a Transformers ``LlamaForCausalLM`` (or a model with the same module names and config
     fields, e.g. Mistral/Qwen2 without biases). Its parameters are moved into the new model (the two share
     storage: do not keep training the original). The SubLN norms start at weight 1 (see the module
     docstring: that is not the identity). Set λ with ``bitnet_torch.set_lambda(model, λ)`` for the warm-up.
+    ``hidden_act``: ``None`` (default) keeps the source's FFN activation (a Llama's ``silu``); ``"relu2"``
+    switches to BitNet b1.58's squared ReLU.
     """
-    config = bitnet_config_from_llama(llama_model.config)
+    config = bitnet_config_from_llama(llama_model.config, hidden_act=hidden_act)
     config._attn_implementation = llama_model.config._attn_implementation
     source = llama_model.state_dict(keep_vars=True)
     with torch.device("meta"):

@@ -172,10 +172,11 @@ class BitNetAttention(hf_bitnet.BitNetAttention):
 
 
 class BitNetMLP(hf_bitnet.BitNetMLP):
-    """Gated squared-ReLU MLP with the SubLN ``ffn_sub_norm`` before ``down_proj`` (SPEC §4).
+    """Gated MLP with the SubLN ``ffn_sub_norm`` before ``down_proj`` (SPEC §4).
 
     ``down(ffn_sub_norm(act(gate(x)) * up(x)))`` as in Transformers, with gate and up computed together by
-    :func:`project_group`.
+    :func:`project_group`; ``act`` is ``config.hidden_act``: squared ReLU (``"relu2"``, BitNet b1.58) or SiLU
+    (``"silu"``, the 1bitLLM-style BitNet that upstream llama.cpp's GGUF arch ``bitnet`` runs).
     """
 
     def __init__(self, config: BitNetConfig, make_linear: LinearFactory):
@@ -297,11 +298,11 @@ class BitNetPreTrainedModel(PeftAdapterCompatMixin, hf_bitnet.BitNetPreTrainedMo
     def from_gguf(cls, path, **from_pretrained_kwargs):
         """Load a BitNet GGUF file (``i2_s``, ``tq2_0``, ``tq1_0`` or ``f16``) into a packed model.
 
-        The ternary weights come back bit-exactly; see :func:`bitnet_torch.export.gguf.model_from_gguf`.
+        The ternary weights come back bit-exactly; see :func:`bitnet_torch.formats.gguf_reader.model_from_gguf`.
         """
-        from ..export.gguf import model_from_gguf  # export sits above models; imported only when asked
+        from ..formats.gguf_reader import model_from_gguf  # below models; imports gguf only when asked
 
-        return model_from_gguf(path, **from_pretrained_kwargs)
+        return model_from_gguf(path, cls, **from_pretrained_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, packed: bool | None = None, **kwargs):

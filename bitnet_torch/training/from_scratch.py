@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -63,6 +64,7 @@ class TrainConfig:
     tokenizer: str | None = None
     vocab_size: int = 4096
     preset: str = "5m"
+    hidden_act: Literal["relu2", "silu"] | None = None  # None: the preset's (relu2); silu: 1bitLLM-style FFN
     model_overrides: dict = field(default_factory=dict)
     block_size: int = 256
     batch_size: int = 16
@@ -253,7 +255,8 @@ def train_from_scratch(config: TrainConfig) -> TrainResult:
         splits.name, train_stream.numel(), len(train_blocks), config.block_size, len(validation_blocks), baseline,
     )
 
-    model = build_model_from_preset(config.preset, tokenizer, max_positions=config.block_size, **config.model_overrides)
+    overrides = {**({"hidden_act": config.hidden_act} if config.hidden_act else {}), **config.model_overrides}
+    model = build_model_from_preset(config.preset, tokenizer, max_positions=config.block_size, **overrides)
     num_parameters = sum(p.numel() for p in model.parameters())
     logger.info("model: preset %s, %.2fM parameters", config.preset, num_parameters / 1e6)
 

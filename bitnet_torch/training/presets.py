@@ -2,15 +2,18 @@
 
 Every preset is the BitNet b1.58 architecture (SPEC §4: SubLN norms, gated squared-ReLU MLP, RoPE, GQA,
 tied embeddings, no biases); only the sizes differ. The vocabulary comes from the tokenizer, except in
-``"2b"``, which is the published ``bitnet-b1.58-2B-4T`` shape with its Llama-3 vocabulary. The
-projection sizes are multiples of 4 (the packed layout of SPEC §3).
+``"2b"``, which is the published ``bitnet-b1.58-2B-4T`` shape with its Llama-3 vocabulary.
+``hidden_size`` and ``intermediate_size`` (every projection's row length) are multiples of 256, so that a
+trained model exports to every GGUF type (TQ1_0/TQ2_0 store rows in 256-value blocks, I2_S in 128)
+without an F16 fallback. ``hidden_act`` is BitNet b1.58's ``"relu2"``; ``"silu"`` gives the 1bitLLM-style
+FFN that upstream llama.cpp's ``bitnet`` architecture computes (pass it as a model override).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["ModelPreset", "PRESETS", "get_preset", "count_parameters"]
+__all__ = ["GGUF_ROW_MULTIPLE", "ModelPreset", "PRESETS", "get_preset", "count_parameters"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class ModelPreset:
     max_position_embeddings: int = 2048
     rope_theta: float = 500000.0
     vocab_size: int | None = None  # None: the tokenizer's
+    hidden_act: str = "relu2"  # "silu": the 1bitLLM-style FFN (upstream llama.cpp's GGUF arch "bitnet")
     description: str = ""
 
     def config_kwargs(self, vocab_size: int | None = None) -> dict:
@@ -41,17 +45,20 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    "5m": ModelPreset(256, 688, 4, 4, 2, max_position_embeddings=1024, description="3.95M with a 4096 vocab (5.0M with 8192): the CPU demo"),
-    "15m": ModelPreset(384, 1024, 8, 6, 2, max_position_embeddings=1024, description="14.2M with a 4096 vocab"),
+    "5m": ModelPreset(256, 512, 5, 4, 2, max_position_embeddings=1024, description="4.0M with a 4096 vocab (5.05M with 8192): the CPU demo"),
+    "15m": ModelPreset(512, 1536, 4, 8, 2, max_position_embeddings=1024, description="14.2M with a 4096 vocab"),
     "100m": ModelPreset(768, 2048, 12, 12, 4, description="100M with a 32000 vocab"),
     "300m": ModelPreset(1024, 2816, 24, 16, 4, description="303M with a 32000 vocab"),
     "650m": ModelPreset(1536, 4096, 24, 24, 6, description="644M with a 32000 vocab (the paper's 700M uses LR 1.5e-3)"),
-    "1.1b": ModelPreset(2048, 5504, 24, 32, 8, description="1.13B with a 32000 vocab"),
+    "1.1b": ModelPreset(2048, 5632, 24, 32, 8, description="1.15B with a 32000 vocab"),
     "2b": ModelPreset(
         2560, 6912, 30, 20, 5, max_position_embeddings=4096, vocab_size=128256,
         description="the bitnet-b1.58-2B-4T shape: 2.41B parameters with its 128256-token vocabulary",
     ),
 }
+
+#: Every projection row length is a multiple of this (the TQ1_0/TQ2_0 block of GGUF; I2_S needs 128).
+GGUF_ROW_MULTIPLE = 256
 
 
 def get_preset(name: str) -> ModelPreset:
