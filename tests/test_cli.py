@@ -213,3 +213,75 @@ def test_out_of_memory_and_wrong_format_errors_read_as_one_line_with_a_hint(tmp_
     not_gguf.write_text("hello")
     code, _, err = run(["generate", not_gguf, "--prompt", "x"], capsys)
     assert code == 1 and "not a .gguf" in err and err.count("\n") == 1
+
+
+def _imported_modules(stderr: str) -> set[str]:
+    """Top-level names of the modules ``python -X importtime`` reports as imported."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def _console_script(tmp_path: Path) -> Path:
+    """The console script pip generates from pyproject's [project.scripts] entry (same code, same file name)."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["bitnet-torch"].split(":")
+    script = tmp_path / "bitnet-torch"
+    script.write_text(
+        "# -*- coding: utf-8 -*-\nimport re\nimport sys\n"
+        f"from {module} import {function}\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        f"    sys.exit({function}())\n"
+    )
+    return script
+
+
+@pytest.mark.parametrize("entry", ["python -m", "console script"])
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["export", "gguf", "--help"],
+                                  ["bench", "--help"], ["generate"], ["no-such-command"]], ids=" ".join)
+def test_help_and_argument_errors_do_not_import_torch(entry, argv, tmp_path):
+    """``--help`` and argument errors answer before torch/Transformers load (issue 15 item 13)."""
+    import time
+
+    launcher = ["-m", "bitnet_torch"] if entry == "python -m" else [str(_console_script(tmp_path))]
+    started = time.perf_counter()
+    completed = subprocess.run([sys.executable, "-X", "importtime", *launcher, *argv],
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                               env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    elapsed = time.perf_counter() - started
+    assert completed.returncode == (0 if "--help" in argv else 2), completed.stderr[-2000:]
+    heavy = _imported_modules(completed.stderr) & {"torch", "transformers", "numpy", "datasets", "gguf"}
+    assert not heavy, f"{' '.join(argv)} imported {sorted(heavy)}"
+    if "--help" in argv:
+        assert completed.stdout.startswith("usage: bitnet-torch")
+    else:
+        assert "usage: bitnet-torch" in completed.stderr and "error:" in completed.stderr
+    assert elapsed < 30, f"{elapsed:.1f} s"
+
+
+def test_import_bitnet_torch_still_registers_the_auto_classes_eagerly():
+    """A plain ``import bitnet_torch`` (not the command line) imports the API and registers the Auto classes."""
+    code = ("import sys, bitnet_torch\n"
+            "assert 'torch' in sys.modules and 'BitLinear' in vars(bitnet_torch)\n"
+            "from transformers import AutoConfig, AutoModelForCausalLM\n"
+            "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING\n"
+            "assert AutoConfig.for_model('bitnet').__class__ is bitnet_torch.BitNetConfig\n"
+            "assert MODEL_FOR_CAUSAL_LM_MAPPING[bitnet_torch.BitNetConfig] is bitnet_torch.BitNetForCausalLM\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                               env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_export_parser_choices_match_the_exporter():
+    """cli/export.py repeats the exporter's choices (to keep torch out of --help); they must agree."""
+    from bitnet_torch.cli import export as cli_export
+    from bitnet_torch.export import gguf
+
+    assert cli_export.GGUF_TYPES == gguf.GGUF_TYPES
+    assert cli_export.GGUF_ARCHITECTURES == gguf.GGUF_ARCHITECTURES
+    assert cli_export._DEFAULT_ARCH == gguf._DEFAULT_ARCH

@@ -35,11 +35,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``bitnet_torch.export.gguf``'s GGUF_TYPES, GGUF_ARCHITECTURES and _DEFAULT_ARCH, repeated here so that the
+#: parser (``--help``, argument errors) does not import torch; tests/test_cli.py checks that they agree.
+GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0", "f16")
+GGUF_ARCHITECTURES = ("bitnet", "bitnet-b1.58", "bitnet-25")
+_DEFAULT_ARCH = {"i2_s": "bitnet-b1.58", "tq2_0": "bitnet", "tq1_0": "bitnet", "f16": "bitnet"}
+
+
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the ``export`` subcommand to ``sub``."""
     p = sub.add_parser("export", help="export a checkpoint (GGUF)", description="Export a checkpoint to another runtime.")
     export_sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    from ..export.gguf import _DEFAULT_ARCH, GGUF_ARCHITECTURES, GGUF_TYPES  # noqa: PLC0415
 
     g = export_sub.add_parser(
         "gguf", parents=[common], help="GGUF for bitnet.cpp (i2_s) and llama.cpp (tq1_0, tq2_0, f16)",
