@@ -185,7 +185,7 @@ def test_train_tiny_budget_writes_master_and_packed(tmp_path, capsys):
     corpus.write_text("".join(f"Verse {i}. In the beginning God created the heaven and the earth.\n\n" for i in range(40)))
     code, out, err = run(["train", "--output-dir", tmp_path / "run", "--data", corpus, "--preset", "5m",
                           "--vocab-size", "300", "--max-steps", "2", "--block-size", "32", "--batch-size", "2",
-                          "--eval-steps", "0", "--eval-blocks", "2", "--sample-tokens", "4", "--disable-tqdm"], capsys)
+                          "--eval-steps", "0", "--eval-tokens", "62", "--sample-tokens", "4", "--disable-tqdm"], capsys)
     assert code == 0, err
     assert "trained" in out and "validation perplexity" in out
     assert (tmp_path / "run" / "packed" / "config.json").is_file()

@@ -64,7 +64,7 @@ def test_a_few_trainer_steps_with_the_recipe_reduce_loss(tmp_path):
 def test_train_from_scratch_end_to_end_saves_and_reloads(tmp_path):
     result = train_from_scratch(TrainConfig(
         output_dir=str(tmp_path / "run"), data=str(_corpus(tmp_path)), vocab_size=300, preset="5m",
-        model_overrides=TINY, block_size=32, batch_size=8, max_steps=40, eval_steps=20, eval_blocks=4,
+        model_overrides=TINY, block_size=32, batch_size=8, max_steps=40, eval_steps=20, eval_tokens=4 * 31,
         learning_rate=1e-2, logging_steps=5, disable_tqdm=True, sample_tokens=8, extra_training_args={"use_cpu": True},
     ))
     losses = [h["loss"] for h in result.log_history if "loss" in h]
