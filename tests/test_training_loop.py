@@ -103,3 +103,20 @@ def test_finetune_lora_with_trl_master_and_packed_bases(tmp_path):
     assert packed.adapter_reload_exact is True
     with pytest.raises(ValueError, match="packed base"):
         finetune_lora(FinetuneConfig(output_dir=str(tmp_path / "x"), base="packed", merge=True, **common))
+
+
+def test_a_small_time_budget_makes_the_model_shallower_and_the_batch_smaller(tmp_path):
+    """With --minutes on a machine too slow for the budget: fewer layers (>= 2), smaller batches, a bounded run."""
+    result = train_from_scratch(TrainConfig(
+        output_dir=str(tmp_path / "run"), data=str(_corpus(tmp_path)), vocab_size=300, preset="5m",
+        model_overrides={**TINY, "num_hidden_layers": 8}, block_size=32, batch_size=8, min_batch_size=2,
+        minutes=0.1, min_steps=10**6, full_depth_tokens=10**12, eval_tokens=2 * 31, disable_tqdm=True,
+        save_steps=0, save_master=False, sample_tokens=2, extra_training_args={"use_cpu": True},
+    ))
+    assert result.num_hidden_layers == 2, "8 layers halve to 4, then to 2, and stop there"
+    assert result.batch_size == 2
+    job = json.loads((tmp_path / "run" / "train_job.json").read_text())
+    assert job["model_overrides"]["num_hidden_layers"] == 2 and job["batch_size"] == 2
+    assert AutoModelForCausalLM.from_pretrained(result.packed_dir).config.num_hidden_layers == 2
+    assert result.steps <= result.planned_steps
+    assert any("loss" in h for h in result.log_history), "no loss line in a short run"

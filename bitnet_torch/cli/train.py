@@ -22,6 +22,9 @@ _TRAIN_HELP = {
     "gradient_accumulation_steps": "micro-batches per optimizer step",
     "max_steps": "optimizer steps (None: 400, or as many as fit in --minutes)",
     "min_steps": "with --minutes: halve the batch until at least this many steps fit (a model needs steps to learn)",
+    "fit_depth_to_budget": "with --minutes: train fewer layers (not below 2) when fewer than --full-depth-tokens "
+                           "fit in the budget (a shallower model learns more from a small budget)",
+    "full_depth_tokens": "with --minutes: the training tokens below which the model is made shallower",
     "minutes": "time budget (an upper bound): calibrate the step count to finish the schedule within it, stop "
                "training when it runs out",
     "learning_rate": "peak learning rate of stage 1 (BitNet uses several times a float model's)",
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     result = train_from_scratch(config)
-    print(f"trained {result.num_parameters / 1e6:.2f}M parameters for {result.steps} steps of {result.planned_steps} "
+    print(f"trained {result.num_parameters / 1e6:.2f}M parameters ({result.num_hidden_layers} layers) for {result.steps} steps of {result.planned_steps} "
           f"planned ({result.batch_size} x {result.block_size} tokens per step, {result.tokens_seen} tokens) "
           f"in {result.train_seconds:.1f}s")
     ratio = result.validation_perplexity / result.unigram_perplexity
