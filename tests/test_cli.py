@@ -206,6 +206,8 @@ def test_train_tiny_budget_writes_master_and_packed(tmp_path, capsys):
                           "--eval-steps", "0", "--eval-tokens", "62", "--sample-tokens", "4", "--disable-tqdm"], capsys)
     assert code == 0, err
     assert "trained" in out and "validation perplexity" in out
+    assert out.count("'loss'") == 2, "a 2-step run must still print its loss lines"
+    assert "the unigram baseline" in out
     assert (tmp_path / "run" / "packed" / "config.json").is_file()
     assert (tmp_path / "run" / "master" / "config.json").is_file()
 

@@ -120,3 +120,21 @@ def test_a_small_time_budget_makes_the_model_shallower_and_the_batch_smaller(tmp
     assert AutoModelForCausalLM.from_pretrained(result.packed_dir).config.num_hidden_layers == 2
     assert result.steps <= result.planned_steps
     assert any("loss" in h for h in result.log_history), "no loss line in a short run"
+
+
+def test_the_time_budget_says_when_it_cuts_training_short(caplog):
+    import logging
+    import time
+
+    from transformers import TrainerControl, TrainerState
+
+    from bitnet_torch.training import TimeBudgetCallback
+
+    callback = TimeBudgetCallback(0.01)
+    callback.on_train_begin(None, TrainerState(), TrainerControl())
+    time.sleep(0.02)
+    control = TrainerControl()
+    with caplog.at_level(logging.WARNING, logger="bitnet_torch"):
+        callback.on_step_end(None, TrainerState(global_step=3, max_steps=10), control)
+    assert control.should_training_stop
+    assert "time budget reached (0 s) at step 3 of 10" in caplog.text

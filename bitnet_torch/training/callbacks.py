@@ -1,8 +1,8 @@
 """Transformers ``Trainer`` callbacks of the BitNet recipe; both act between steps, never inside forward.
 
-* :class:`WeightDecayScheduleCallback` -- weight decay 0.1 in stage 1, 0 in stage 2 (SPEC §2).
+* :class:`WeightDecayScheduleCallback` -- weight decay 0.1 in stage 1, 0 in stage 2 (docs/SPEC.md §2).
 * :class:`LambdaWarmupCallback` -- the gradual-quantization λ = min(step / warmup, 1) of every BitLinear
-  (SPEC §2), for converting a pretrained full-precision model.
+  (docs/SPEC.md §2), for converting a pretrained full-precision model.
 * :class:`TimeBudgetCallback` -- stop after a wall-time budget (all ranks at the same step), saying so.
 * :class:`PerplexityLoggingCallback` -- report ``exp(eval_loss)`` next to a baseline.
 """
