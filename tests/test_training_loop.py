@@ -138,3 +138,15 @@ def test_the_time_budget_says_when_it_cuts_training_short(caplog):
         callback.on_step_end(None, TrainerState(global_step=3, max_steps=10), control)
     assert control.should_training_stop
     assert "time budget reached (0 s) at step 3 of 10" in caplog.text
+
+
+def test_the_evaluation_subset_is_bounded_and_spread_over_the_split():
+    from bitnet_torch.training.from_scratch import evaluation_subset
+
+    blocks = pack_token_stream(torch.arange(100 * 16) % 50, block_size=16)  # 100 blocks; block i starts at 16 i
+    subset = evaluation_subset(blocks, max_tokens=10 * 16)
+    assert len(subset) == 10
+    starts = [int(row[0]) for row in subset["input_ids"]]
+    assert starts == [(16 * 10 * i) % 50 for i in range(10)], "every 10th block, from the first to the last tenth"
+    assert len(evaluation_subset(blocks, max_tokens=10**9)) == 100
+    assert len(evaluation_subset(blocks, max_tokens=1)) == 1
