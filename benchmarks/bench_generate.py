@@ -499,10 +499,12 @@ def _add_ratios(results: dict) -> None:
 def _print_summary(results: dict) -> None:
     print(f"\nsame-run ratios (threads={results['threads']}, bandwidth {results['bandwidth_gbs_start']:.1f} → "
           f"{results['bandwidth_gbs_end']:.1f} GB/s):")
+    from report import describe_speedup  # benchmarks/report.py: 0.06 reads "17x slower", not "0.06x faster"
+
     for r in results["runs"]:
         for ours, decode in r.get("ours_decode_speedup", {}).items():
-            print(f"  [{r['shape']:>5}] {ours:<14} vs {r['variant']:<17} decode {decode:6.2f}x faster, "
-                  f"prefill {r['ours_prefill_speedup'][ours]:6.2f}x faster")
+            print(f"  [{r['shape']:>5}] {ours:<14} vs {r['variant']:<17} decode {describe_speedup(decode)}, "
+                  f"prefill {describe_speedup(r['ours_prefill_speedup'][ours])}")
 
 
 if __name__ == "__main__":

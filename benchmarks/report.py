@@ -30,6 +30,31 @@ from typing import Any
 PLOT_KEYS = ("ratio", "speedup", "x_vs", "_vs_", "fraction_of", "tokens_per_s", "tok_s", "tokens/s")
 
 
+def describe_speedup(speedup: float) -> str:
+    """A same-run time ratio (baseline time / our time) in words: ``"3.20x faster"``, ``"17x slower"``.
+
+    Below 1 the reciprocal is given as "slower" (0.06 is "17x slower", never "0.06x faster").
+    """
+    if not speedup > 0 or speedup != speedup or speedup == float("inf"):
+        return f"{speedup}x (not a valid speed ratio)"
+    if 0.995 <= speedup <= 1.005:
+        return "as fast (1.00x)"
+    if speedup > 1:
+        return f"{speedup:.2f}x faster"
+    slower = 1 / speedup
+    return f"{slower:.2f}x slower" if slower < 10 else f"{slower:.0f}x slower"
+
+
+def speedup_sentences(rows: list[dict]) -> list[str]:
+    """One sentence per ``*speedup*`` field of the rows (e.g. ``ours_decode_speedup.ours``), in words."""
+    lines = []
+    for row in rows:
+        for key, value in row.items():
+            if "speedup" in key.lower() and isinstance(value, (int, float)) and not isinstance(value, bool):
+                lines.append(f"{label(row)}: `{key}` {describe_speedup(float(value))}")
+    return lines
+
+
 def flatten(row: dict, prefix: str = "") -> dict:
     """``{"ms": {"ours": 1}}`` -> ``{"ms.ours": 1}``; lists become their JSON text."""
     flat: dict = {}
@@ -207,6 +232,10 @@ def write_report(result_files: list[Path], out_dir: Path) -> Path:
         for name, rows in tables:
             body.append(f"### {name}\n")
             body.append(markdown_table(rows) + "\n")
+            sentences = speedup_sentences(rows)
+            if sentences:
+                body.append("In words (speedup = baseline time / our time, same run):\n")
+                body += [f"- {line}" for line in sentences] + [""]
             sections.append((f"{title} / {name}", rows))
     machine = machine_info()
     head = ["# bitnet_torch benchmark report\n", "## Machine\n"]

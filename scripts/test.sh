@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite from a fresh clone: creates .venv (once), installs the package and its test
 # dependencies, runs pytest (JIT-building the CPU kernels on first use), then the CUDA compile-only check
-# (.ci/cuda_compile.sh, a second venv with the CUDA build of torch). Extra arguments go to pytest.
+# (.ci/cuda_compile.sh, a second venv with the CUDA build of torch: about 5.5 GB of disk, created on its first
+# run; skipped with a one-line reason when there is no nvcc, or with BITNET_SKIP_CUDA_COMPILE=1).
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

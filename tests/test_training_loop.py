@@ -64,7 +64,7 @@ def test_a_few_trainer_steps_with_the_recipe_reduce_loss(tmp_path):
 def test_train_from_scratch_end_to_end_saves_and_reloads(tmp_path):
     result = train_from_scratch(TrainConfig(
         output_dir=str(tmp_path / "run"), data=str(_corpus(tmp_path)), vocab_size=300, preset="5m",
-        model_overrides=TINY, block_size=32, batch_size=8, max_steps=40, eval_steps=20, eval_blocks=4,
+        model_overrides=TINY, block_size=32, batch_size=8, max_steps=40, eval_steps=20, eval_tokens=4 * 31,
         learning_rate=1e-2, logging_steps=5, disable_tqdm=True, sample_tokens=8, extra_training_args={"use_cpu": True},
     ))
     losses = [h["loss"] for h in result.log_history if "loss" in h]
@@ -103,3 +103,50 @@ def test_finetune_lora_with_trl_master_and_packed_bases(tmp_path):
     assert packed.adapter_reload_exact is True
     with pytest.raises(ValueError, match="packed base"):
         finetune_lora(FinetuneConfig(output_dir=str(tmp_path / "x"), base="packed", merge=True, **common))
+
+
+def test_a_small_time_budget_makes_the_model_shallower_and_the_batch_smaller(tmp_path):
+    """With --minutes on a machine too slow for the budget: fewer layers (>= 2), smaller batches, a bounded run."""
+    result = train_from_scratch(TrainConfig(
+        output_dir=str(tmp_path / "run"), data=str(_corpus(tmp_path)), vocab_size=300, preset="5m",
+        model_overrides={**TINY, "num_hidden_layers": 8}, block_size=32, batch_size=8, min_batch_size=2,
+        minutes=0.1, min_steps=10**6, full_depth_tokens=10**12, eval_tokens=2 * 31, disable_tqdm=True,
+        save_steps=0, save_master=False, sample_tokens=2, extra_training_args={"use_cpu": True},
+    ))
+    assert result.num_hidden_layers == 2, "8 layers halve to 4, then to 2, and stop there"
+    assert result.batch_size == 2
+    job = json.loads((tmp_path / "run" / "train_job.json").read_text())
+    assert job["model_overrides"]["num_hidden_layers"] == 2 and job["batch_size"] == 2
+    assert AutoModelForCausalLM.from_pretrained(result.packed_dir).config.num_hidden_layers == 2
+    assert result.steps <= result.planned_steps
+    assert any("loss" in h for h in result.log_history), "no loss line in a short run"
+
+
+def test_the_time_budget_says_when_it_cuts_training_short(caplog):
+    import logging
+    import time
+
+    from transformers import TrainerControl, TrainerState
+
+    from bitnet_torch.training import TimeBudgetCallback
+
+    callback = TimeBudgetCallback(0.01)
+    callback.on_train_begin(None, TrainerState(), TrainerControl())
+    time.sleep(0.02)
+    control = TrainerControl()
+    with caplog.at_level(logging.WARNING, logger="bitnet_torch"):
+        callback.on_step_end(None, TrainerState(global_step=3, max_steps=10), control)
+    assert control.should_training_stop
+    assert "time budget reached (0 s) at step 3 of 10" in caplog.text
+
+
+def test_the_evaluation_subset_is_bounded_and_spread_over_the_split():
+    from bitnet_torch.training.from_scratch import evaluation_subset
+
+    blocks = pack_token_stream(torch.arange(100 * 16) % 50, block_size=16)  # 100 blocks; block i starts at 16 i
+    subset = evaluation_subset(blocks, max_tokens=10 * 16)
+    assert len(subset) == 10
+    starts = [int(row[0]) for row in subset["input_ids"]]
+    assert starts == [(16 * 10 * i) % 50 for i in range(10)], "every 10th block, from the first to the last tenth"
+    assert len(evaluation_subset(blocks, max_tokens=10**9)) == 100
+    assert len(evaluation_subset(blocks, max_tokens=1)) == 1

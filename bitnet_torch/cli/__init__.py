@@ -12,7 +12,9 @@ Subcommands (``bitnet-torch <command> --help`` explains each option)::
 
 Errors are printed as one line (``error: ...``) with a non-zero exit code; ``--debug`` shows the traceback.
 One module per command (``bitnet_torch/cli/<command>.py``: ``add_parser`` and ``run``); heavy libraries are
-imported inside each command, so ``--help`` stays quick.
+imported inside each command, after the arguments are parsed: ``bitnet-torch --help``, the help of every
+command but ``train``/``finetune`` (whose options come from the training config dataclasses) and argument
+errors never import torch or Transformers (``bitnet_torch/__init__.py`` defers them in this process).
 """
 
 from __future__ import annotations
@@ -83,11 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bitnet-torch`` and ``python -m bitnet_torch``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(heavy_options=command in ("train", "finetune"))
+    heavy = command in ("train", "finetune")
+    if heavy and "bitnet_torch.training" not in sys.modules:
+        # The options of these two come from the training stack: say why the next seconds are silent.
+        print("bitnet-torch: importing torch, Transformers and the bitnet kernels (seconds; the first run also "
+              "compiles the kernels, 1-3 min)...", file=sys.stderr, flush=True)
+    parser = build_parser(heavy_options=heavy)
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        import bitnet_torch  # noqa: PLC0415 - the deferred public API (and the Auto classes) from here on
+
+        bitnet_torch._import_api()
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

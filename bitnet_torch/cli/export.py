@@ -56,11 +56,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``bitnet_torch.formats.gguf_layout``'s GGUF_TYPES and GGUF_ARCHITECTURES, repeated here so that the parser
+#: (``--help``, argument errors) imports neither torch nor gguf/numpy; tests/test_cli.py checks that they agree.
+GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0", "f16")
+GGUF_ARCHITECTURES = ("bitnet", "bitnet-b1.58", "bitnet-25")
+
+
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the ``export`` subcommand to ``sub``."""
     p = sub.add_parser("export", help="export a checkpoint (GGUF)", description="Export a checkpoint to another runtime.")
     export_sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    from ..formats.gguf_layout import GGUF_ARCHITECTURES, GGUF_TYPES  # noqa: PLC0415 - no torch/gguf import here
 
     g = export_sub.add_parser(
         "gguf", parents=[common], help="GGUF for bitnet.cpp (every type) and llama.cpp (tq1_0, tq2_0, f16; silu models)",

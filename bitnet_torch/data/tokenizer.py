@@ -2,7 +2,7 @@
 
 The result is a :class:`transformers.PreTrainedTokenizerFast` with Llama-3-style special tokens
 (``<|begin_of_text|>`` as BOS, ``<|end_of_text|>`` as EOS, ``<|eot_id|>`` ending a chat turn, a
-dedicated ``<|pad|>``) and the chat template of the BitNet b1.58 2B-4T model (SPEC §4,
+dedicated ``<|pad|>``) and the chat template of the BitNet b1.58 2B-4T model (docs/SPEC.md §4,
 :data:`bitnet_torch.models.LLAMA3_CHAT_TEMPLATE`): BOS, then ``Role: content<|eot_id|>`` per message, then
 ``Assistant: `` when a generation prompt is asked for.
 It is saved next to the model with ``save_pretrained`` and reloads with ``AutoTokenizer``.

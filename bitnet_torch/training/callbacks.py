@@ -1,9 +1,9 @@
 """Transformers ``Trainer`` callbacks of the BitNet recipe; both act between steps, never inside forward.
 
-* :class:`WeightDecayScheduleCallback` -- weight decay 0.1 in stage 1, 0 in stage 2 (SPEC §2).
+* :class:`WeightDecayScheduleCallback` -- weight decay 0.1 in stage 1, 0 in stage 2 (docs/SPEC.md §2).
 * :class:`LambdaWarmupCallback` -- the gradual-quantization λ = min(step / warmup, 1) of every BitLinear
-  (SPEC §2), for converting a pretrained full-precision model.
-* :class:`TimeBudgetCallback` -- stop after a wall-time budget (all ranks at the same step).
+  (docs/SPEC.md §2), for converting a pretrained full-precision model.
+* :class:`TimeBudgetCallback` -- stop after a wall-time budget (all ranks at the same step), saying so.
 * :class:`PerplexityLoggingCallback` -- report ``exp(eval_loss)`` next to a baseline.
 """
 
@@ -76,7 +76,8 @@ class LambdaWarmupCallback(TrainerCallback):
 
 
 class TimeBudgetCallback(TrainerCallback):
-    """Stops training once ``seconds`` of wall time have passed since training began.
+    """Stops training once ``seconds`` of wall time have passed since training began (a resumed run: since it
+    resumed), with a warning ("time budget reached ... at step N of M") when that cuts the planned steps short.
 
     Under ``torch.distributed`` the decision is all-reduced after every step so that every rank stops at
     the same step (a rank stopping alone would hang the others in their next gradient all-reduce).
@@ -99,7 +100,9 @@ class TimeBudgetCallback(TrainerCallback):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             over = bool(flag.item() > 0)
         if over and not control.should_training_stop:
-            logger.info("time budget of %.0f s reached at step %d: stopping", self.seconds, state.global_step)
+            if state.global_step < state.max_steps:
+                logger.warning("time budget reached (%.0f s) at step %d of %d: stopping training early",
+                               self.seconds, state.global_step, state.max_steps)
             control.should_training_stop = True
         return control
 
