@@ -49,7 +49,7 @@ import warnings
 
 import torch
 
-from . import _reference_ops
+from . import _op_checks, _reference_ops
 from ._autograd import records_autograd, refuse_untracked_bias_gradients, register_autograd_formulas
 
 __all__ = [
@@ -107,13 +107,34 @@ def _load_extension() -> str | None:
     return _build.load_extension()
 
 
+def checked_reference(name: str):
+    """The reference implementation of op ``name`` behind the op's argument checks (:mod:`._op_checks`): what the
+    fallback and the CUDA registrations of the reference run, so they refuse exactly what the compiled ops refuse."""
+    reference = getattr(_reference_ops, name)
+    check = getattr(_op_checks, f"check_{name}", None)
+    if check is None:
+        return reference
+
+    def run(*args):
+        check(*args)
+        return reference(*args)
+
+    run.__name__ = run.__qualname__ = f"checked_{name}"
+    run.__doc__ = reference.__doc__
+    return run
+
+
 def _define_fallback() -> None:
-    """Declare the schemas from Python and register the pure-PyTorch reference for every device."""
+    """Declare the schemas from Python and register the pure-PyTorch reference (behind the op checks) for every
+    device: CompositeExplicitAutograd serves any backend, and the explicit CPU and CUDA registrations say so to
+    dispatcher queries (``_dispatch_has_kernel_for_dispatch_key``), as with the extension."""
     global _fallback_library
     lib = torch.library.Library("bitnet", "DEF")
     for name, schema in OP_SCHEMAS.items():
         lib.define(schema)
-        lib.impl(name, getattr(_reference_ops, name), "CompositeExplicitAutograd")
+        implementation = checked_reference(name)
+        for key in ("CompositeExplicitAutograd", "CPU", "CUDA"):
+            lib.impl(name, implementation, key)
     _fallback_library = lib
 
 
@@ -129,7 +150,7 @@ def _register_reference_for_missing_cuda() -> None:
         return
     lib = torch.library.Library("bitnet", "IMPL")
     for name in missing:
-        lib.impl(name, getattr(_reference_ops, name), "CUDA")
+        lib.impl(name, checked_reference(name), "CUDA")
     if set(missing) - _REFERENCE_ON_CUDA:
         _cuda_reference_library = lib
     else:

@@ -431,6 +431,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [N, K], got shape ", weight.sizes());
   const int64_t K = x.size(-1), N = weight.size(0);
   TORCH_CHECK_VALUE(weight.size(1) == K, op, ": K of x (", K, ") and weight (", weight.size(1), ") differ");
+  TORCH_CHECK_VALUE(K < kMaxInt8K, op, ": K=", K, " exceeds the supported maximum ", kMaxInt8K - 1);
   check_float(weight_scale, op, "weight_scale");
   TORCH_CHECK_VALUE(weight_scale.numel() == N, op, ": weight_scale must hold one scale per output row (", N,
                     "), got shape ", weight_scale.sizes());
