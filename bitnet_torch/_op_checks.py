@@ -252,8 +252,8 @@ def check_decode_attention(
         or m[2] not in (1, length)
     ):
         raise ValueError(
-            f"{op}: attn_mask must be 4-D [batch or 1, heads or 1, q_len or 1, kv_len] = [{b} or 1, {hq} or 1, "
-            f"{length} or 1, {k.shape[2]}], got shape {_shape(attn_mask)}"
+            f"{op}: attn_mask must be 4-D [batch or 1, heads or 1, q_len or 1, kv_len] with batch = {b}, heads = {hq}, "
+            f"q_len = {length}, kv_len = {k.shape[2]}, got shape {_shape(attn_mask)}"
         )
 
 

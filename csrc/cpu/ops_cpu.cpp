@@ -162,11 +162,11 @@ at::Tensor finish_float_output(const at::Tensor& x, const at::Tensor& y) {
   return x.scalar_type() == at::kDouble ? y.to(at::kDouble) : y;
 }
 
-at::Tensor optional_bias(const c10::optional<at::Tensor>& bias, int64_t N, const char* op) {
+at::Tensor optional_bias(const c10::optional<at::Tensor>& bias, int64_t N, const char* op, const char* index = "") {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
-  check_cpu(*bias, op, "bias");
-  check_float(*bias, op, "bias");
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ",
+  check_cpu(*bias, op, "bias", index);
+  check_float(*bias, op, "bias", index);
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias", index, " must have shape [", N, "], got ",
                     bias->sizes());
   return bias->to(at::kFloat).contiguous();
 }
@@ -309,7 +309,7 @@ TernaryMember ternary_member(const char* op, int64_t K, const at::Tensor& packed
   member.P = packed.size(0);
   member.packed = packed.contiguous();
   member.w_scale = scalar_weight_scale(weight_scale);
-  member.bias_f = optional_bias(bias, 4 * member.P, op);
+  member.bias_f = optional_bias(bias, 4 * member.P, op, index);
   return member;
 }
 
