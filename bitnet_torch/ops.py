@@ -40,6 +40,13 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
 The schemas are declared in C++ (``csrc/ops.cpp``) when the extension is available; otherwise this
 module declares the same schemas from Python and registers the reference implementation, after logging
 one warning that says why. Either way, callers use ``torch.ops.bitnet.*`` or the wrappers below.
+
+Every backend accepts and refuses the same inputs: :mod:`bitnet_torch._op_checks` holds one check per op
+(``TypeError`` for a dtype, ``ValueError`` for a shape, e.g. ``K >= 2**17`` for the integer linears), which the
+registrations of the reference (the fallback, and the CUDA implementation of the reference-only ops) run first
+(:func:`checked_reference`) and which the C++ bindings mirror. ``K = 0`` is valid everywhere (outputs
+``0 * scale + bias``). Non-finite inputs propagate as in the reference: a token holding a NaN or an infinity
+quantizes to all-zero codes with the scale NaN or +inf, so its linear outputs are NaN (see ``_reference_ops``).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from ._autograd import records_autograd, refuse_untracked_bias_gradients, regist
 
 __all__ = [
     "OP_SCHEMAS",
+    "checked_reference",
     "quantize_activation",
     "ternary_matmul",
     "ternary_linear",

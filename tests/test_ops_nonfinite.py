@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bitnet_torch
 from bitnet_torch import _backend, _reference_ops, ops, quant
@@ -252,3 +254,32 @@ def test_model_with_nan_weight_scale_gives_nan_logits_with_and_without_the_exten
     ext, ref = results["ext"]["logits"], results["ref"]["logits"]
     assert torch.isnan(ref).all(), "the reference model's logits should all be NaN"
     assert torch.equal(torch.isnan(ext), torch.isnan(ref))
+
+
+@needs_extension
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 12),
+    k=st.integers(1, 80),
+    dtype=st.sampled_from(DTYPES),
+    specials=st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 10**6), st.sampled_from([NAN, INF, -INF, 0.0])), max_size=6
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_random_nonfinite_positions_bit_exact_on_every_isa(m, k, dtype, specials, seed):
+    """Hypothesis: NaN/inf/zero at random positions of random shapes, every supported ISA, quantizer and linear."""
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    for r, c, value in specials:
+        x[r % m, c % k] = value
+    x = x.to(dtype)
+    packed = bitnet_torch.pack_ternary(torch.randint(-1, 2, (8, k), generator=torch.Generator().manual_seed(k), dtype=torch.int8))
+    scale = torch.tensor([0.25], dtype=dtype)
+    try:
+        for isa in _backend.available_cpu_isas():
+            _backend.set_cpu_isa(isa)
+            for got, want in zip(ops.quantize_activation(x), _reference_ops.quantize_activation(x)):
+                assert_same(got, want, f"{isa} quantize")
+            assert_same(ops.ternary_linear(x, packed, scale), _reference_ops.ternary_linear(x, packed, scale, None), isa)
+    finally:
+        _backend.set_cpu_isa("auto")
