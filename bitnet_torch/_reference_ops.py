@@ -5,6 +5,15 @@ contract is documented in :mod:`bitnet_torch.ops`), and they serve as the fallba
 the C++/CUDA extension cannot be built. Integer accumulations are exact (int32); the float epilogue is
 fixed in fp32 as ``float(acc) * (x_scale * w_scale) + bias`` and then cast to the input dtype, so a
 backend that follows the same order of operations agrees bit for bit.
+
+These functions compute; they do not validate. The argument checks every backend shares live in
+:mod:`bitnet_torch._op_checks` (the fallback registrations in :mod:`bitnet_torch.ops` run them first).
+
+Non-finite inputs follow from the arithmetic (:func:`bitnet_torch.quant.quantize_activation`): ``torch.amax``
+and ``torch.clamp`` keep NaN, and torch's float -> int8 conversion turns NaN into 0, so a token holding a NaN
+gets the scale NaN and all-zero codes, one holding +-inf (and no NaN) the scale +inf and all-zero codes; its
+linear outputs are ``0 * NaN`` or ``0 * inf``, i.e. NaN, as with ``nn.Linear``. A NaN or infinite weight scale
+reaches the epilogue unchanged. ``K = 0`` (no features) is an empty dot product: outputs ``0 * scale + bias``.
 """
 
 from __future__ import annotations
@@ -40,6 +49,11 @@ def _int_mm_supported(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
     return x_q.device.type == "cuda" and m > 16 and k % 8 == 0 and w_q.shape[0] % 8 == 0
 
 
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` as ``[M, K]`` (``reshape(-1, K)`` is ambiguous for K = 0)."""
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1])
+
+
 def _int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 ``x_q @ w_q.T`` for int8 ``[M, K]`` and ``[N, K]`` on any device."""
     if _int_mm_supported(x_q, w_q):
@@ -68,7 +82,7 @@ def ternary_linear(
     """
     lead = x.shape[:-1]
     n = packed.shape[0] * VALUES_PER_BYTE
-    x_q, x_scale = _quantize_activation(x.reshape(-1, x.shape[-1]))
+    x_q, x_scale = _quantize_activation(_tokens(x))
     acc = ternary_matmul(x_q, packed)
     y = acc.float() * (x_scale * weight_scale.float().reshape(()))
     if bias is not None:
@@ -105,7 +119,7 @@ def int8_linear(
     """
     lead = x.shape[:-1]
     n = weight.shape[0]
-    x_q, x_scale = _quantize_activation(x.reshape(-1, x.shape[-1]))
+    x_q, x_scale = _quantize_activation(_tokens(x))
     acc = _int8_matmul(x_q, weight)
     y = acc.float() * (x_scale * weight_scale.float().reshape(1, n))
     if bias is not None:
@@ -116,19 +130,9 @@ def int8_linear(
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` computed in fp32 (the float ``lm_head``); returns ``[..., N]`` in ``x.dtype``.
 
-    ``x`` is fp32/bf16/fp16 ``[..., K]``, ``weight`` bf16 or fp32 ``[N, K]``, ``bias`` ``[N]`` or None. Refuses
-    (``TypeError`` / ``ValueError``) other dtypes and mismatched shapes, with the messages of the C++ kernel.
+    ``x`` is fp32/bf16/fp16 ``[..., K]``, ``weight`` bf16 or fp32 ``[N, K]``, ``bias`` ``[N]`` or None; the op's
+    checks (:func:`bitnet_torch._op_checks.check_float_linear`) refuse anything else.
     """
-    if not x.is_floating_point():
-        raise TypeError(f"bitnet::float_linear: x must be a floating-point tensor (float32, bfloat16 or float16), got dtype {x.dtype}")
-    if weight.dtype not in (torch.bfloat16, torch.float32):
-        raise TypeError(f"bitnet::float_linear: weight must be bfloat16 or float32, got dtype {weight.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"bitnet::float_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"bitnet::float_linear: K of x and weight differ (x has shape {tuple(x.shape)}, weight {tuple(weight.shape)})")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"bitnet::float_linear: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return y.to(x.dtype)
 

@@ -40,6 +40,13 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
 The schemas are declared in C++ (``csrc/ops.cpp``) when the extension is available; otherwise this
 module declares the same schemas from Python and registers the reference implementation, after logging
 one warning that says why. Either way, callers use ``torch.ops.bitnet.*`` or the wrappers below.
+
+Every backend accepts and refuses the same inputs: :mod:`bitnet_torch._op_checks` holds one check per op
+(``TypeError`` for a dtype, ``ValueError`` for a shape, e.g. ``K >= 2**17`` for the integer linears), which the
+registrations of the reference (the fallback, and the CUDA implementation of the reference-only ops) run first
+(:func:`checked_reference`) and which the C++ bindings mirror. ``K = 0`` is valid everywhere (outputs
+``0 * scale + bias``). Non-finite inputs propagate as in the reference: a token holding a NaN or an infinity
+quantizes to all-zero codes with the scale NaN or +inf, so its linear outputs are NaN (see ``_reference_ops``).
 """
 
 from __future__ import annotations
@@ -49,11 +56,12 @@ import warnings
 
 import torch
 
-from . import _reference_ops
+from . import _op_checks, _reference_ops
 from ._autograd import records_autograd, refuse_untracked_bias_gradients, register_autograd_formulas
 
 __all__ = [
     "OP_SCHEMAS",
+    "checked_reference",
     "quantize_activation",
     "ternary_matmul",
     "ternary_linear",
@@ -107,13 +115,34 @@ def _load_extension() -> str | None:
     return _build.load_extension()
 
 
+def checked_reference(name: str):
+    """The reference implementation of op ``name`` behind the op's argument checks (:mod:`._op_checks`): what the
+    fallback and the CUDA registrations of the reference run, so they refuse exactly what the compiled ops refuse."""
+    reference = getattr(_reference_ops, name)
+    check = getattr(_op_checks, f"check_{name}", None)
+    if check is None:
+        return reference
+
+    def run(*args):
+        check(*args)
+        return reference(*args)
+
+    run.__name__ = run.__qualname__ = f"checked_{name}"
+    run.__doc__ = reference.__doc__
+    return run
+
+
 def _define_fallback() -> None:
-    """Declare the schemas from Python and register the pure-PyTorch reference for every device."""
+    """Declare the schemas from Python and register the pure-PyTorch reference (behind the op checks) for every
+    device: CompositeExplicitAutograd serves any backend, and the explicit CPU and CUDA registrations say so to
+    dispatcher queries (``_dispatch_has_kernel_for_dispatch_key``), as with the extension."""
     global _fallback_library
     lib = torch.library.Library("bitnet", "DEF")
     for name, schema in OP_SCHEMAS.items():
         lib.define(schema)
-        lib.impl(name, getattr(_reference_ops, name), "CompositeExplicitAutograd")
+        implementation = checked_reference(name)
+        for key in ("CompositeExplicitAutograd", "CPU", "CUDA"):
+            lib.impl(name, implementation, key)
     _fallback_library = lib
 
 
@@ -129,7 +158,7 @@ def _register_reference_for_missing_cuda() -> None:
         return
     lib = torch.library.Library("bitnet", "IMPL")
     for name in missing:
-        lib.impl(name, getattr(_reference_ops, name), "CUDA")
+        lib.impl(name, checked_reference(name), "CUDA")
     if set(missing) - _REFERENCE_ON_CUDA:
         _cuda_reference_library = lib
     else:

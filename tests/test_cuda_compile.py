@@ -178,6 +178,12 @@ def test_host_activation_quantizer_matches_reference_bit_for_bit(harness) -> Non
     x[3] = 0.0  # all-zero token: scale 1e-5 / 127, codes 0
     x[4, :5] = torch.tensor([127.0, 0.5, -0.5, 1.5, -2.5])  # exact ties: round half to even
     x[5, 7] = -1e-3  # the -128 clamp boundary cannot be hit from |x| <= absmax, but negative max is
+    # non-finite tokens (the reference: NaN -> scale NaN, +-inf -> scale inf, codes 0), at the first, a middle
+    # and the last position (lanes 0, 5 and 12 of the warp's strided loop), with and without the other kind
+    x[6, 0], x[7, 166], x[8, 332] = float("nan"), float("nan"), float("nan")
+    x[9, 0], x[10, 166], x[11, 332] = float("inf"), -float("inf"), float("inf")
+    x[12, 5], x[12, 200] = float("inf"), float("nan")
+    x[13, :100] = float("nan")
     xs = x.numpy().copy()
     codes = np.zeros(xs.shape, dtype=np.int8)
     scales = np.zeros(xs.shape[0], dtype=np.float32)
@@ -185,7 +191,11 @@ def test_host_activation_quantizer_matches_reference_bit_for_bit(harness) -> Non
     ref_codes, ref_scales = quantize_activation(x)
     mismatch = np.argwhere(codes != ref_codes.numpy())
     assert mismatch.size == 0, f"codes differ at {mismatch[:5].tolist()}"
-    np.testing.assert_array_equal(scales.view(np.int32), ref_scales.reshape(-1).numpy().view(np.int32))
+    ref = ref_scales.reshape(-1).numpy()
+    np.testing.assert_array_equal(np.isnan(scales), np.isnan(ref))
+    finite = ~np.isnan(ref)
+    assert np.isnan(ref[[6, 7, 8, 12, 13]]).all() and np.isinf(ref[[9, 10, 11]]).all()
+    np.testing.assert_array_equal(scales[finite].view(np.int32), ref[finite].view(np.int32))
 
 
 @needs_nvcc

@@ -28,8 +28,11 @@ def _assert_within_one_ulp(ours: torch.Tensor, reference: torch.Tensor, x_dtype:
     eps = torch.finfo(x_dtype).eps
     torch.testing.assert_close(ours.float(), reference.float(), rtol=2 * eps, atol=4 * eps)
     # And the differences are rare where x is 16-bit: the arithmetic is the same but for the order of one fp32
-    # sum, which the rounding to 16 bits almost always hides.
-    assert (ours != reference).float().mean().item() < (0.7 if x_dtype == torch.float32 else 0.01)
+    # sum, which the rounding to 16 bits almost always hides. (In fp32 a row whose rsqrt differs in the last
+    # place differs in every element -- hypothesis found a single such row of 7 -- so there the bound above is
+    # the whole check.)
+    if x_dtype != torch.float32:
+        assert (ours != reference).float().mean().item() < 0.01
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -12,6 +12,16 @@
 //   quantize:  a = max(max_k |x_k|, 1e-5f); inv = (1.0f / a) * 127.0f  (torch's `127 / tensor` is
 //              reciprocal-then-multiply); x_q = clamp(round_half_even(x * inv), -128, 127);
 //              scale = a / 127.0f.
+//              Non-finite values propagate as in bitnet_torch/quant.py (torch.amax and torch.clamp keep NaN,
+//              torch's float -> int8 conversion turns NaN into 0):
+//                * a row holding a NaN: a = NaN, scale = NaN, inv = NaN, every code 0 (NaN * anything = NaN -> 0);
+//                * a row holding +-inf and no NaN: a = +inf, scale = +inf, inv = 0, every code 0 (a finite x
+//                  gives x * 0 = 0, an infinite one inf * 0 = NaN -> 0);
+//              so a linear's outputs for such a row are float(0) * (scale * w_scale) = NaN (+ bias), as in the
+//              reference and nn.Linear. A NaN or infinite weight scale likewise reaches the epilogue unchanged.
+//              The SIMD quantizers take the absmax as the integer maximum of the |x| bit patterns (NaN sorts
+//              above +inf: scalar_common.h magnitude_max) and write the zero codes of a non-finite row
+//              directly, so their code loop only ever sees finite products.
 //   ternary:   acc[m, n] = sum_k x_q[m, k] * W[n, k] (exact int32), computed as
 //              sum_k code[n, k] * x_q[m, k] - sum_k x_q[m, k].
 //   int8:      acc[m, n] = sum_k x_q[m, k] * w[n, k] (exact int32).
@@ -80,6 +90,9 @@ const KernelTable* amx_kernels();     //!< AVX-512 table whose prefill runs on A
 //! Bound on K for the ternary kernels: the AVX-512 / AMX paths accumulate slot 3 as 64 * sum(code * x),
 //! and |sum| <= 2 * 128 * K must stay below 2^25 for that to fit an int32 lane, so K < 2^17.
 constexpr int64_t kMaxTernaryK = int64_t(1) << 17;
+//! Bound on K for the int8 kernels: |sum_k x_q * w| <= 128 * 128 * K must fit an int32 accumulator, so
+//! K < 2^17 (the same bound as kMaxTernaryK; bitnet_torch/_op_checks.py MAX_K).
+constexpr int64_t kMaxInt8K = int64_t(1) << 17;
 //! Number of packed rows (16 output rows each x 4 slots) one prefill tile covers; callers split P on it.
 constexpr int64_t kTernaryTileP = 16;
 //! Number of tokens below which the ternary / int8 kernels use their streaming (GEMV) path.

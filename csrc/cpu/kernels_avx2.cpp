@@ -69,25 +69,28 @@ inline __m256 load8(const void* base, int64_t i) {
   }
 }
 
+//! |v| as int32 bit patterns: for magnitudes (and NaN, which sorts above +inf) the integer order is the float
+//! order, so an integer max propagates NaN where max_ps would drop it (scalar_common.h magnitude_max).
+inline __m256i magnitude_bits(__m256 v) {
+  return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
+}
+
 template <FloatKind KIND>
 int32_t quantize_row(const void* x, int64_t K, int8_t* q, float* scale) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  __m256 vmax0 = _mm256_setzero_ps(), vmax1 = _mm256_setzero_ps();
+  __m256i vmax0 = _mm256_setzero_si256(), vmax1 = _mm256_setzero_si256();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(load8<KIND>(x, k), abs_mask));
-    vmax1 = _mm256_max_ps(vmax1, _mm256_and_ps(load8<KIND>(x, k + 8), abs_mask));
+    vmax0 = _mm256_max_epi32(vmax0, magnitude_bits(load8<KIND>(x, k)));
+    vmax1 = _mm256_max_epi32(vmax1, magnitude_bits(load8<KIND>(x, k + 8)));
   }
-  for (; k + 8 <= K; k += 8) vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(load8<KIND>(x, k), abs_mask));
-  __m256 vmax = _mm256_max_ps(vmax0, vmax1);
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-  float absmax = _mm_cvtss_f32(m4);
-  for (; k < K; ++k) {
-    const float a = std::fabs(load_float(x, KIND, k));
-    absmax = a > absmax ? a : absmax;
-  }
+  for (; k + 8 <= K; k += 8) vmax0 = _mm256_max_epi32(vmax0, magnitude_bits(load8<KIND>(x, k)));
+  const __m256i vmax = _mm256_max_epi32(vmax0, vmax1);
+  __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(vmax), _mm256_extracti128_si256(vmax, 1));
+  m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4E));
+  m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
+  float absmax = bits_float(uint32_t(_mm_cvtsi128_si32(m4)));
+  for (; k < K; ++k) absmax = magnitude_max(absmax, std::fabs(load_float(x, KIND, k)));
+  if (nonfinite_absmax(absmax)) return quantize_nonfinite_row(K, q, absmax, scale);
   const float inv_s = activation_inverse_scale(absmax);
   const __m256 inv = _mm256_set1_ps(inv_s);
   const __m256 lo = _mm256_set1_ps(kActQmin), hi = _mm256_set1_ps(kActQmax);

@@ -89,17 +89,24 @@ inline __m512 load16_full(const void* base, int64_t i) {
   }
 }
 
+//! |v| as int32 bit patterns: for magnitudes (and NaN, which sorts above +inf) the integer order is the float
+//! order, so an integer max propagates NaN where max_ps would drop it (scalar_common.h magnitude_max).
+inline __m512i magnitude_bits(__m512 v) {
+  return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+}
+
 template <FloatKind KIND>
 int32_t quantize_row(const void* x, int64_t K, int8_t* q, float* scale) {
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  __m512 vmax0 = _mm512_setzero_ps(), vmax1 = _mm512_setzero_ps();
+  __m512i vmax0 = _mm512_setzero_si512(), vmax1 = _mm512_setzero_si512();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    vmax0 = _mm512_max_ps(vmax0, _mm512_and_ps(load16_full<KIND>(x, k), abs_mask));
-    vmax1 = _mm512_max_ps(vmax1, _mm512_and_ps(load16_full<KIND>(x, k + 16), abs_mask));
+    vmax0 = _mm512_max_epi32(vmax0, magnitude_bits(load16_full<KIND>(x, k)));
+    vmax1 = _mm512_max_epi32(vmax1, magnitude_bits(load16_full<KIND>(x, k + 16)));
   }
-  for (; k < K; k += 16) vmax0 = _mm512_max_ps(vmax0, _mm512_and_ps(load16(x, KIND, k, tail_mask16(K - k)), abs_mask));
-  const float absmax = _mm512_reduce_max_ps(_mm512_max_ps(vmax0, vmax1));
+  for (; k < K; k += 16)
+    vmax0 = _mm512_max_epi32(vmax0, magnitude_bits(load16(x, KIND, k, tail_mask16(K - k))));
+  const float absmax = bits_float(uint32_t(_mm512_reduce_max_epi32(_mm512_max_epi32(vmax0, vmax1))));
+  if (nonfinite_absmax(absmax)) return quantize_nonfinite_row(K, q, absmax, scale);
   const __m512 inv = _mm512_set1_ps(activation_inverse_scale(absmax));
   const __m512 lo = _mm512_set1_ps(kActQmin), hi = _mm512_set1_ps(kActQmax);
   __m512i sum = _mm512_setzero_si512();

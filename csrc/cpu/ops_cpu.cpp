@@ -162,11 +162,11 @@ at::Tensor finish_float_output(const at::Tensor& x, const at::Tensor& y) {
   return x.scalar_type() == at::kDouble ? y.to(at::kDouble) : y;
 }
 
-at::Tensor optional_bias(const c10::optional<at::Tensor>& bias, int64_t N, const char* op) {
+at::Tensor optional_bias(const c10::optional<at::Tensor>& bias, int64_t N, const char* op, const char* index = "") {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
-  check_cpu(*bias, op, "bias");
-  check_float(*bias, op, "bias");
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ",
+  check_cpu(*bias, op, "bias", index);
+  check_float(*bias, op, "bias", index);
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias", index, " must have shape [", N, "], got ",
                     bias->sizes());
   return bias->to(at::kFloat).contiguous();
 }
@@ -309,7 +309,7 @@ TernaryMember ternary_member(const char* op, int64_t K, const at::Tensor& packed
   member.P = packed.size(0);
   member.packed = packed.contiguous();
   member.w_scale = scalar_weight_scale(weight_scale);
-  member.bias_f = optional_bias(bias, 4 * member.P, op);
+  member.bias_f = optional_bias(bias, 4 * member.P, op, index);
   return member;
 }
 
@@ -431,6 +431,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [N, K], got shape ", weight.sizes());
   const int64_t K = x.size(-1), N = weight.size(0);
   TORCH_CHECK_VALUE(weight.size(1) == K, op, ": K of x (", K, ") and weight (", weight.size(1), ") differ");
+  TORCH_CHECK_VALUE(K < kMaxInt8K, op, ": K=", K, " exceeds the supported maximum ", kMaxInt8K - 1);
   check_float(weight_scale, op, "weight_scale");
   TORCH_CHECK_VALUE(weight_scale.numel() == N, op, ": weight_scale must hold one scale per output row (", N,
                     "), got shape ", weight_scale.sizes());

@@ -50,9 +50,11 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k, const
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), kOp,
                      ": attn_mask must be bool (True = attend) or additive in q's dtype ", q.scalar_type(),
                      ", got dtype ", m.scalar_type());
-    TORCH_CHECK_VALUE(m.dim() == 4 && m.size(3) == k.size(2), kOp,
-                      ": attn_mask must be 4-D [batch or 1, heads or 1, q_len or 1, kv_len] with kv_len = ",
-                      k.size(2), ", got shape ", m.sizes());
+    const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2);
+    TORCH_CHECK_VALUE(m.dim() == 4 && m.size(3) == k.size(2) && (m.size(0) == 1 || m.size(0) == B) &&
+                          (m.size(1) == 1 || m.size(1) == Hq) && (m.size(2) == 1 || m.size(2) == L),
+                      kOp, ": attn_mask must be 4-D [batch or 1, heads or 1, q_len or 1, kv_len] with batch = ", B,
+                      ", heads = ", Hq, ", q_len = ", L, ", kv_len = ", k.size(2), ", got shape ", m.sizes());
   }
 }
 

@@ -77,31 +77,45 @@ inline float load_float(const void* base, FloatKind kind, int64_t i) {
   }
 }
 
-//! The activation quantizer's reciprocal: torch evaluates `127 / absmax` as reciprocal(absmax) * 127.
-inline float activation_inverse_scale(float absmax) {
-  const float a = absmax > kScaleEps ? absmax : kScaleEps;
-  return (1.0f / a) * kActQmax;
-}
+//! max(absmax, 1e-5) as torch.clamp(min=) computes it: a NaN absmax stays NaN (never replaced by 1e-5).
+inline float clamp_absmax(float absmax) { return absmax < kScaleEps ? kScaleEps : absmax; }
 
-inline float activation_scale(float absmax) {
-  const float a = absmax > kScaleEps ? absmax : kScaleEps;
-  return a / kActQmax;
-}
+//! The activation quantizer's reciprocal: torch evaluates `127 / absmax` as reciprocal(absmax) * 127
+//! (NaN for a NaN absmax, 0 for an infinite one).
+inline float activation_inverse_scale(float absmax) { return (1.0f / clamp_absmax(absmax)) * kActQmax; }
 
-//! round-half-even(v) clamped to [-128, 127] (clamping before rounding is equivalent for integer bounds).
+inline float activation_scale(float absmax) { return clamp_absmax(absmax) / kActQmax; }
+
+//! The NaN-propagating maximum of two magnitudes |a|, |b| (non-negative or NaN): for such floats the order
+//! of their bit patterns as integers is the float order, and every NaN sorts above +inf. So the maximum of
+//! the bit patterns is max(a, b) when both are numbers and a NaN when either is one, as torch.amax.
+inline float magnitude_max(float a, float b) { return float_bits(a) > float_bits(b) ? a : b; }
+
+//! Whether a row's absmax (a magnitude or NaN) is non-finite: the row holds a NaN or an infinity, and then
+//! every one of its codes is 0 (see kernel_api.h).
+inline bool nonfinite_absmax(float absmax) { return float_bits(absmax) >= 0x7F800000u; }
+
+//! round-half-even(v) clamped to [-128, 127] (clamping before rounding is equivalent for integer bounds);
+//! NaN gives 0, what torch's float -> int8 conversion gives (x86, ARM and CUDA alike).
 inline int8_t quantize_code(float v) {
+  if (v != v) return 0;
   v = v < kActQmin ? kActQmin : v;
   v = v > kActQmax ? kActQmax : v;
   return int8_t(std::nearbyint(v));
 }
 
+//! Codes 0 and the scale of a row whose absmax is non-finite (NaN -> NaN scale, inf -> inf). Returns 0, the
+//! sum of the codes.
+inline int32_t quantize_nonfinite_row(int64_t K, int8_t* q, float absmax, float* scale) {
+  std::memset(q, 0, size_t(K));
+  *scale = activation_scale(absmax);
+  return 0;
+}
+
 //! Quantize one row of K floats (scalar reference path). Returns sum of the codes.
 inline int32_t quantize_row_scalar(const void* x, FloatKind kind, int64_t K, int8_t* q, float* scale) {
   float absmax = 0.0f;
-  for (int64_t k = 0; k < K; ++k) {
-    const float a = std::fabs(load_float(x, kind, k));
-    absmax = a > absmax ? a : absmax;
-  }
+  for (int64_t k = 0; k < K; ++k) absmax = magnitude_max(absmax, std::fabs(load_float(x, kind, k)));
   const float inv = activation_inverse_scale(absmax);
   int32_t sum = 0;
   for (int64_t k = 0; k < K; ++k) {

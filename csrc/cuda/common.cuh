@@ -93,8 +93,12 @@ BITNET_HD float round_half_even(float v) {
 #endif
 }
 
-//! max(absmax, 1e-5): the clamped denominator of the activation scale.
-BITNET_HD float clamp_absmax(float absmax) { return absmax > kScaleEps ? absmax : kScaleEps; }
+//! max(absmax, 1e-5): the clamped denominator of the activation scale. A NaN absmax stays NaN, as in
+//! torch.clamp (so a token holding a NaN gets a NaN scale, never 1e-5 / 127).
+BITNET_HD float clamp_absmax(float absmax) { return absmax < kScaleEps ? kScaleEps : absmax; }
+
+//! max(a, b) of two magnitudes that propagates NaN, as torch.amax does (fmaxf drops a NaN operand).
+BITNET_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
 //! The multiplier that maps a token to int8 codes: rn(rn(1 / absmax) * 127), as torch's `127 / absmax`.
 BITNET_HD float activation_inverse_scale(float clamped_absmax) { return mul_rn(rcp_rn(clamped_absmax), kActQmax); }
@@ -102,9 +106,13 @@ BITNET_HD float activation_inverse_scale(float clamped_absmax) { return mul_rn(r
 //! The per-token scale returned to the caller: rn(absmax / 127).
 BITNET_HD float activation_scale(float clamped_absmax) { return div_rn(clamped_absmax, kActQmax); }
 
-//! int8 code of one activation value: clamp(rint(rn(x * inv)), -128, 127).
+//! int8 code of one activation value: clamp(rint(rn(x * inv)), -128, 127), and 0 when x * inv is NaN (what
+//! torch's float -> int8 conversion gives): every code of a token holding a NaN (inv = NaN) or an infinity
+//! (inv = 127 / inf = 0, inf * 0 = NaN, finite * 0 = 0) is 0, as in the reference.
 BITNET_HD int8_t quantize_activation_value(float x, float inv) {
-  float q = round_half_even(mul_rn(x, inv));
+  const float product = mul_rn(x, inv);
+  if (product != product) return 0;
+  float q = round_half_even(product);
   q = q < kActQmin ? kActQmin : (q > kActQmax ? kActQmax : q);
   return static_cast<int8_t>(static_cast<int>(q));
 }
@@ -225,10 +233,10 @@ BITNET_DEVICE int32_t warp_sum(int32_t v) {
   return v;
 }
 
-//! Max over the warp, result in every lane (max is exact, so the order does not matter).
+//! NaN-propagating max over the warp, result in every lane (max is exact, so the order does not matter).
 BITNET_DEVICE float warp_max(float v) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -237,7 +245,7 @@ BITNET_DEVICE float warp_max(float v) {
 BITNET_DEVICE float quantize_token_warp(const void* x, ElemKind kind, int64_t first, int64_t k, int8_t* codes,
                                         int64_t pad_to, int lane) {
   float absmax = 0.0f;
-  for (int64_t i = lane; i < k; i += kWarpSize) absmax = fmaxf(absmax, fabsf(load_float(x, kind, first + i)));
+  for (int64_t i = lane; i < k; i += kWarpSize) absmax = nan_max(absmax, fabsf(load_float(x, kind, first + i)));
   const float clamped = clamp_absmax(warp_max(absmax));
   const float inv = activation_inverse_scale(clamped);
   for (int64_t i = lane; i < pad_to; i += kWarpSize) {

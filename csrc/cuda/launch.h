@@ -10,6 +10,9 @@
 //     inv    = rn(rn(1 / absmax) * 127)            (torch evaluates `127 / absmax` as reciprocal * 127)
 //     code_k = clamp(rint(rn(x_k * inv)), -128, 127)  (rint: round half to even)
 //     scale  = rn(absmax / 127)
+//     non-finite tokens (as the reference: torch.amax / torch.clamp keep NaN, float -> int8 maps NaN to 0):
+//     a NaN anywhere gives absmax = scale = NaN and every code 0; +-inf (no NaN) gives absmax = scale = +inf,
+//     inv = 0 and every code 0 (inf * 0 = NaN -> 0). The linear outputs of such a token are then NaN.
 //   linear epilogue of one output:  y = rn(rn(float(acc) * rn(x_scale * w_scale)) + float(bias)),
 //     then rounded to the output dtype (round to nearest even); acc is the exact int32 dot product.
 //   weight packing: code = clamp(rint(rn(w / scale)), -1, 1) + 1, SPEC §3 layout (see common.cuh).

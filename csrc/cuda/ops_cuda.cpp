@@ -39,6 +39,9 @@ constexpr int64_t kDecodeSlice = 16;
 constexpr int64_t kCodeRowAlign = 16;
 //! CUDA grid y limit and the GEMM's token tile: the largest M one GEMM launch covers.
 constexpr int64_t kMaxGemmTokens = 65535LL * 128;
+//! Bound on K of every linear (as on CPU, csrc/cpu/kernel_api.h, and bitnet_torch/_op_checks.py MAX_K): the exact
+//! int32 accumulators hold |sum| <= 128 * 128 * K only for K < 2^17.
+constexpr int64_t kMaxK = int64_t(1) << 17;
 
 // ------------------------------------------------------------------------------------------------ checks
 
@@ -175,7 +178,10 @@ at::Tensor linear_input(const at::Tensor& x, int64_t k, const char* op, const ch
   check_float(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (the feature dimension)");
   TORCH_CHECK_VALUE(x.size(-1) == k, op, ": K of x (", x.size(-1), ") and ", weight_name, " (", k, ") differ");
-  return kernel_float(x).reshape({-1, k});
+  TORCH_CHECK_VALUE(k < kMaxK, op, ": K=", k, " exceeds the supported maximum ", kMaxK - 1);
+  int64_t m = 1;  // not reshape({-1, k}): that is ambiguous for K = 0
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return kernel_float(x).reshape({m, k});
 }
 
 //! Fills the scale / bias / output fields of `op` and returns the output [M, N] (fp32 for a float64 x).
@@ -190,7 +196,8 @@ at::Tensor linear_output(const at::Tensor& x, const at::Tensor& x2d, int64_t n, 
   if (bias.has_value() && bias->defined()) {
     check_same_device(*bias, x, op_name, "bias");
     check_float(*bias, op_name, "bias");
-    TORCH_CHECK_VALUE(bias->numel() == n, op_name, ": bias has ", bias->numel(), " elements, expected N=", n);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op_name, ": bias must have shape [", n, "], got ",
+                      bias->sizes());
     bias_keep = kernel_float(*bias);
     op.bias = bias_keep.data_ptr();
     op.bias_kind = elem_kind(bias_keep);
@@ -201,6 +208,16 @@ at::Tensor linear_output(const at::Tensor& x, const at::Tensor& x2d, int64_t n, 
   op.out_kind = elem_kind(out);
   op.ldo = n;
   return out;
+}
+
+//! K = 0: no products, so out [M, N] is the epilogue of acc = 0, float(0) * (x_scale * w_scale) (+ bias), with
+//! the scale of a token without features, x_scale = 1e-5 / 127 (the reference's math; NaN for a NaN scale).
+void fill_empty_k(at::Tensor& out, const at::Tensor& scale_keep, const at::Tensor& bias_keep) {
+  const at::Tensor x_scale = at::full({1, 1}, 1e-5f / 127.0f, out.options().dtype(at::kFloat));
+  at::Tensor y = at::zeros(out.sizes(), out.options().dtype(at::kFloat)) *
+                 (x_scale * scale_keep.to(at::kFloat).reshape({1, -1}));
+  if (bias_keep.defined()) y = y + bias_keep.to(at::kFloat).reshape({1, -1});
+  out.copy_(y);
 }
 
 //! [M, N] → x.shape[:-1] + [N] in x.dtype.
@@ -244,6 +261,7 @@ at::Tensor ternary_matmul_cuda(const at::Tensor& x_q, const at::Tensor& packed) 
   TORCH_CHECK_VALUE(packed.dim() == 2, op, ": packed must be 2-D [N/4, K], got shape ", packed.sizes());
   TORCH_CHECK_VALUE(x_q.size(1) == packed.size(1), op, ": K of x_q (", x_q.size(1), ") and packed (",
                     packed.size(1), ") differ");
+  TORCH_CHECK_VALUE(x_q.size(1) < kMaxK, op, ": K=", x_q.size(1), " exceeds the supported maximum ", kMaxK - 1);
   const c10::cuda::CUDAGuard guard(x_q.device());
   const at::Tensor codes = x_q.stride(1) == 1 ? x_q : x_q.contiguous();
   const at::Tensor weight = packed.contiguous();
@@ -257,6 +275,7 @@ at::Tensor ternary_matmul_cuda(const at::Tensor& x_q, const at::Tensor& packed) 
   operands.out = out.data_ptr();
   operands.out_kind = ElemKind::kInt32;
   operands.ldo = n;
+  if (x_q.size(1) == 0) return out.zero_();
   run_linear(at::Tensor(), codes, operands, op);
   return out;
 }
@@ -281,7 +300,11 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   operands.weight_aligned16 = aligned16(operands.weight);
   at::Tensor scale_keep, bias_keep;
   at::Tensor out = linear_output(x, x2d, n, weight_scale, bias, operands, scale_keep, bias_keep, op);
-  run_linear(x2d, at::Tensor(), operands, op);
+  if (k == 0) {
+    fill_empty_k(out, scale_keep, bias_keep);
+  } else {
+    run_linear(x2d, at::Tensor(), operands, op);
+  }
   return finish_output(x, out, n);
 }
 
@@ -305,7 +328,11 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   operands.weight_aligned16 = aligned16(operands.weight);
   at::Tensor scale_keep, bias_keep;
   at::Tensor out = linear_output(x, x2d, n, weight_scale, bias, operands, scale_keep, bias_keep, op);
-  run_linear(x2d, at::Tensor(), operands, op);
+  if (k == 0) {
+    fill_empty_k(out, scale_keep, bias_keep);
+  } else {
+    run_linear(x2d, at::Tensor(), operands, op);
+  }
   return finish_output(x, out, n);
 }
 

@@ -169,7 +169,7 @@ extern "C" {
 void bitnet_host_quantize_rows(const float* x, int64_t m, int64_t k, int8_t* codes, float* scales) {
   for (int64_t r = 0; r < m; ++r) {
     float absmax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) absmax = std::fmax(absmax, std::fabs(x[r * k + i]));
+    for (int64_t i = 0; i < k; ++i) absmax = nan_max(absmax, std::fabs(x[r * k + i]));
     const float clamped = clamp_absmax(absmax);
     const float inv = activation_inverse_scale(clamped);
     for (int64_t i = 0; i < k; ++i) codes[r * k + i] = quantize_activation_value(x[r * k + i], inv);
