@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from .. import ops
+from .._atomic import atomic_directory
 from ..nn import BitLinear, Int8Embedding, Int8Linear, PackedBitLinear
 from ..packing import packed_shape
 from .configuration import BitNetConfig, MASTER_QUANTIZATION_CONFIG, PACKED_QUANTIZATION_CONFIG
@@ -628,20 +630,52 @@ def checkpoint_state_dict(model, packed: bool, state_dict: dict[str, torch.Tenso
     return {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
+def _with_variant(name: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.<variant>.safetensors`` (Transformers' naming of weight variants)."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def _stale_weight_file(variant: str | None) -> Callable[[str], bool]:
+    """Predicate: is ``name`` a weight file (single file, shard or index) an earlier save wrote for ``variant``?"""
+    weights, index = _with_variant(_SAFE_NAME, variant), _with_variant(_SAFE_INDEX, variant)
+    shard = re.compile(re.escape(weights[: -len(".safetensors")]) + r"-\d{5}-of-\d{5}\.safetensors")
+    return lambda name: name in (weights, index) or shard.fullmatch(name) is not None
+
+
 def save_pretrained(model, save_directory, packed: bool | None = None, **kwargs) -> None:
-    """Implementation of :meth:`BitNetForCausalLM.save_pretrained` (see its docstring)."""
+    """Implementation of :meth:`BitNetForCausalLM.save_pretrained` (see its docstring).
+
+    All or nothing: everything is written into a hidden directory beside ``save_directory``
+    (:func:`bitnet_torch._atomic.atomic_directory`), which replaces it in one step once complete. An existing
+    directory keeps its other files (tokenizer, README, ...) as in Transformers, except the weight files of an
+    earlier save; on failure nothing of the new save remains and the old checkpoint is untouched.
+    """
     if kwargs.get("safe_serialization") is False:
         raise ValueError("bitnet_torch saves safetensors only (safe_serialization=False is refused)")
     kwargs.pop("safe_serialization", None)
+    if kwargs.get("push_to_hub"):
+        raise ValueError(
+            "save_pretrained(push_to_hub=True) is not supported by bitnet_torch (the save is written atomically to a "
+            "local folder): save, then upload the folder with huggingface_hub.upload_folder"
+        )
     if packed is None:
         packed = model.is_packed
     if any(isinstance(m, BitLinear) and m.lambda_ < 1.0 for m in model.modules()):
         logger.warning("saving a model in the lambda warm-up (lambda < 1): the checkpoint's forward is fully quantized")
+    if os.path.isfile(save_directory):
+        raise NotADirectoryError(f"save_pretrained: {save_directory} is a file, not a directory")
+    if not model.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+        os.makedirs(save_directory, exist_ok=True)  # what Transformers does on the other ranks
+        return
     state_dict = checkpoint_state_dict(model, packed, kwargs.pop("state_dict", None))
     saved_form = dict(PACKED_QUANTIZATION_CONFIG if packed else MASTER_QUANTIZATION_CONFIG)
     current_form = model.config.quantization_config
     model.config.quantization_config = saved_form
     try:
-        PreTrainedModel.save_pretrained(model, save_directory, state_dict=state_dict, **kwargs)
+        with atomic_directory(save_directory, drop_old=_stale_weight_file(kwargs.get("variant"))) as partial:
+            PreTrainedModel.save_pretrained(model, partial, state_dict=state_dict, **kwargs)
     finally:
         model.config.quantization_config = current_form
