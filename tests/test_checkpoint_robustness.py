@@ -310,7 +310,8 @@ def test_a_save_killed_midway_leaves_the_old_checkpoint_loadable(saved, tmp_path
     if existing:
         _copy(saved["packed"], target)
     before = _files(target) if existing else None
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's bitnet_torch
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     process = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, saved["master"], str(target), "master"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -338,7 +339,9 @@ def test_convert_is_all_or_nothing(saved, tmp_path, capsys):
     src = _copy(saved["master"], tmp_path / "src")
     (tmp_path / "src" / "tokenizer.json").write_text("{ not json")
     (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
-    out = _copy(saved["packed"], tmp_path / "out")
+    torch.manual_seed(77)  # an older checkpoint of another model, so that an overwrite would show
+    BitNetForCausalLM(tiny_config()).save_pretrained(tmp_path / "out", packed=True, max_shard_size="40KB")
+    out = str(tmp_path / "out")
     (tmp_path / "out" / "README.md").write_text("mine")
     before = _files(out)
     assert cli_main(["convert", src, out, "--to", "packed", "--overwrite"]) != 0
@@ -348,5 +351,8 @@ def test_convert_is_all_or_nothing(saved, tmp_path, capsys):
     os.remove(tmp_path / "src" / "tokenizer_config.json")
     assert cli_main(["convert", src, out, "--to", "packed", "--overwrite"]) == 0
     assert (tmp_path / "out" / "README.md").read_text() == "mine"
-    assert BitNetForCausalLM.from_pretrained(out).is_packed
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists(), "the old shards must not survive"
+    converted, expected = BitNetForCausalLM.from_pretrained(out), BitNetForCausalLM.from_pretrained(src, packed=True)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
     _assert_no_leftovers(tmp_path)

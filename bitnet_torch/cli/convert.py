@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import BitNetForCausalLM
+    from ..models.checkpoint import stale_weight_files
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[args.dtype]
     quant = config.get("quantization_config") or {}
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if target == "packed":
             model.pack()
     # All or nothing: model and tokenizer are written beside `out` and replace it in one step once complete.
-    with atomic_directory(out) as partial:
+    with atomic_directory(out, drop_old=stale_weight_files()) as partial:
         model.save_pretrained(partial, packed=(target == "packed"))
         tokenizer = _copy_tokenizer(src, partial)
     print(f"converted {src} ({what}) -> {out}" + ("" if tokenizer else " (no tokenizer found to copy)"))

@@ -17,11 +17,16 @@ model constructor receives the real one as the private keyword ``_quantization_c
 config carries it again afterwards. Nothing global is patched, so Transformers' own ``BitNetForCausalLM``
 keeps working unchanged in the same process.
 
-Before anything is read we check the files (safetensors only, headers complete, sizes right, tensor dtypes
-and shapes as the config says) and raise :class:`BitNetCheckpointError` naming the problem.
+Before any model is built we check the files (safetensors only, every header entry well formed and the file
+holding every byte it announces, shard names confined to the checkpoint folder) and the config against them
+(sizes possible, every declared layer present, every stored tensor's dtype and shape as the config says) and
+raise :class:`BitNetCheckpointError` naming the problem; after loading, packed codes and scales are checked in
+one pass (:func:`check_packed_values`). Tensors that are merely absent are initialised and reported in
+``missing_keys``, as Transformers does.
 
 Saving writes either form (``save_pretrained(path, packed=True|False)``); the ``quantization_config`` that
-describes the written tensors is always in ``config.json``.
+describes the written tensors is always in ``config.json``. Saves are all or nothing
+(:func:`bitnet_torch._atomic.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ __all__ = [
     "load_pretrained",
     "resolve_safetensors_files",
     "save_pretrained",
+    "stale_weight_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -195,7 +201,7 @@ def _read_header(file_path: str) -> dict[str, dict[str, Any]]:
     except BitNetCheckpointError:
         raise
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise BitNetCheckpointError(f"{file_path} is not a readable safetensors file ({exc})") from exc
+        raise BitNetCheckpointError(f"{file_path} is not a safetensors file (unreadable header: {exc})") from exc
     if not isinstance(header, dict):
         raise BitNetCheckpointError(
             f"{file_path} is not a safetensors file: its header is a JSON {type(header).__name__}, not an object"
@@ -349,7 +355,10 @@ def _check_projection(stored: dict, module: str, proj: str, n: int, k: int, conf
     if bias is not None and (bias[0] not in _FLOAT_DTYPES or bias[1] != (n,)):
         raise BitNetCheckpointError(f"{where}: {module}.bias is {bias[0]} {bias[1]}, the config implies a float {(n,)}")
     if config.is_packed:
-        expected = packed_shape(n, k)
+        try:
+            expected = packed_shape(n, k)
+        except ValueError as exc:
+            raise BitNetCheckpointError(f"{where}: {module}: the config's sizes cannot be packed: {exc}") from exc
         if weight is not None and (weight[0] != "U8" or weight[1] != expected):
             dtype, shape = weight
             hint = " (float [N, K] weights: this is a master checkpoint whose config says offline)" if (
@@ -378,12 +387,16 @@ def _check_projection(stored: dict, module: str, proj: str, n: int, k: int, conf
         )
 
 
+#: Elements per step of :func:`_packed_bytes_hold_code_3`: 256 KiB of words, so the temporary stays in cache.
+_CODE_CHECK_CHUNK = 32768
+
+
 def _packed_bytes_hold_code_3(packed: torch.Tensor) -> bool:
     """True when any 2-bit field of the uint8 tensor is 3 (the code SPEC §3 never writes), in one pass.
 
     ``(b & (b >> 1)) & 0b01010101`` has a bit set exactly where a field is ``0b11``; the bytes are viewed as
     int64 words when the layout allows (8 bytes per operation: shifts cross byte borders only into the odd
-    bits, which the mask drops).
+    bits, which the mask drops), and processed in cache-sized chunks so the data is read from memory once.
     """
     flat = packed.reshape(-1)
     words, mask = flat, 0x55
@@ -392,10 +405,17 @@ def _packed_bytes_hold_code_3(packed: torch.Tensor) -> bool:
             words, mask = flat.view(torch.int64), 0x5555555555555555
         except RuntimeError:
             pass
-    hits = words >> 1
-    hits &= words
-    hits &= mask
-    return bool(hits.any())
+    step = _CODE_CHECK_CHUNK if words.device.type == "cpu" else max(words.numel(), 1)  # one sync on a GPU
+    buffer = torch.empty(min(words.numel(), step), dtype=words.dtype, device=words.device)
+    for start in range(0, words.numel(), step):
+        chunk = words[start:start + step]
+        hits = buffer[: chunk.numel()]
+        torch.bitwise_right_shift(chunk, 1, out=hits)
+        hits &= chunk
+        hits &= mask
+        if bool(hits.any()):
+            return True
+    return False
 
 
 def check_packed_values(model, where: str) -> None:
@@ -638,8 +658,9 @@ def _with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def _stale_weight_file(variant: str | None) -> Callable[[str], bool]:
-    """Predicate: is ``name`` a weight file (single file, shard or index) an earlier save wrote for ``variant``?"""
+def stale_weight_files(variant: str | None = None) -> Callable[[str], bool]:
+    """Predicate for :func:`~bitnet_torch._atomic.atomic_directory`'s ``drop_old``: is ``name`` a weight file
+    (single file, shard or index) of ``variant`` that an earlier save wrote and a new save must not keep?"""
     weights, index = _with_variant(_SAFE_NAME, variant), _with_variant(_SAFE_INDEX, variant)
     shard = re.compile(re.escape(weights[: -len(".safetensors")]) + r"-\d{5}-of-\d{5}\.safetensors")
     return lambda name: name in (weights, index) or shard.fullmatch(name) is not None
@@ -675,7 +696,7 @@ def save_pretrained(model, save_directory, packed: bool | None = None, **kwargs)
     current_form = model.config.quantization_config
     model.config.quantization_config = saved_form
     try:
-        with atomic_directory(save_directory, drop_old=_stale_weight_file(kwargs.get("variant"))) as partial:
+        with atomic_directory(save_directory, drop_old=stale_weight_files(kwargs.get("variant"))) as partial:
             PreTrainedModel.save_pretrained(model, partial, state_dict=state_dict, **kwargs)
     finally:
         model.config.quantization_config = current_form

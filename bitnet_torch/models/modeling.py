@@ -364,11 +364,16 @@ class BitNetPreTrainedModel(hf_bitnet.BitNetPreTrainedModel):
           one tensor at a time while loading (the float model never exists as a whole).
 
         Every other ``from_pretrained`` keyword works as in Transformers (``dtype``, ``attn_implementation``,
-        ``revision``, …), and config fields can be overridden (``quantize_lm_head=True``).
-        Refuses, with :class:`~bitnet_torch.models.BitNetCheckpointError`: a config that is not
-        ``model_type: bitnet`` or not ``quant_method: bitnet``, pickle-only weights, truncated/corrupt
-        safetensors, tensors whose dtype/shape disagree with the config, missing tensors, and ``packed=False``
-        on a packed checkpoint. ``use_safetensors=False`` and ``quantization_config=`` are refused.
+        ``revision``, ``output_loading_info``, …), config fields can be overridden (``quantize_lm_head=True``),
+        and ``from_pretrained(None, config=cfg, state_dict=sd)`` loads an in-memory state dict. As in
+        Transformers, tensors the checkpoint lacks are initialised, warned about and listed in ``missing_keys``
+        (a base-model checkpoint loads into the causal LM, its untied head initialised), unused ones in
+        ``unexpected_keys``. Refuses, with :class:`~bitnet_torch.models.BitNetCheckpointError`: a config that
+        is not ``model_type: bitnet`` / ``quant_method: bitnet`` or has impossible sizes, pickle-only weights,
+        truncated/corrupt safetensors, shard indexes naming files outside the folder, tensors whose dtype/shape
+        disagree with the config, a config declaring more layers than the files hold, half a packed pair,
+        packed codes holding the invalid code 3 or a ``weight_scale`` that is not positive and finite, and
+        ``packed=False`` on a packed checkpoint. ``use_safetensors=False`` and ``quantization_config=`` are refused.
         """
         from .checkpoint import load_pretrained
 
@@ -384,6 +389,9 @@ class BitNetPreTrainedModel(hf_bitnet.BitNetPreTrainedModel):
         packed on the way. ``packed=False``: float master weights with ``{bitnet, autobitlinear, online}``
         (refused for a packed model: its master weights are gone). ``None`` (default): the form the model
         holds. int8 head/embedding are written as float. Other keywords go to Transformers' ``save_pretrained``.
+        All or nothing: the checkpoint is written beside ``save_directory`` and replaces it in one step once
+        complete (an existing directory keeps its other files, as in Transformers); a failed or killed save
+        leaves the old checkpoint as it was. ``push_to_hub=True`` is refused (upload the saved folder instead).
         """
         from .checkpoint import save_pretrained
 
