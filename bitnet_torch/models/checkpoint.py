@@ -146,7 +146,9 @@ def _files_from_index(index_path: str, repo: str | None = None, hub_kwargs: dict
         files = [os.path.join(folder, name) for name in names]
         for file_path in files:
             if not os.path.isfile(file_path):
-                raise BitNetCheckpointError(f"{index_path} names the shard {os.path.basename(file_path)}, which does not exist")
+                raise BitNetCheckpointError(
+                    f"{index_path} names the shard {os.path.basename(file_path)}, which does not exist"
+                )
         return files
     return [cached_file(repo, name, **(hub_kwargs or {})) for name in names]
 
@@ -314,7 +316,8 @@ def check_checkpoint_tensors(tensors: dict[str, tuple[str, tuple[int, ...]]], co
     if not known and not layers:
         raise BitNetCheckpointError(
             f"{where}: none of the checkpoint's {len(tensors)} tensors (e.g. {sorted(tensors)[:3]}) belongs to a "
-            "BitNet model (model.embed_tokens.weight, model.layers.<i>..., lm_head.weight): not a BitNet/Llama-style checkpoint"
+            "BitNet model (model.embed_tokens.weight, model.layers.<i>..., lm_head.weight): "
+            "not a BitNet/Llama-style checkpoint"
         )
     present = [i for i in layers if i < config.num_hidden_layers]
     if len(present) < config.num_hidden_layers:  # before iterating over num_hidden_layers (it may be absurd)
@@ -339,7 +342,9 @@ def check_checkpoint_tensors(tensors: dict[str, tuple[str, tuple[int, ...]]], co
                 continue
             shape = (inter,) if norm.startswith("mlp.") else (hidden,)
             if entry[0] not in _FLOAT_DTYPES or entry[1] != shape:
-                raise BitNetCheckpointError(f"{where}: {module}.{norm} is {entry[0]} {entry[1]}, the config implies a float {shape}")
+                raise BitNetCheckpointError(
+                    f"{where}: {module}.{norm} is {entry[0]} {entry[1]}, the config implies a float {shape}"
+                )
             confirmed.add("intermediate_size" if norm.startswith("mlp.") else "hidden_size")
     for size in ("vocab_size", "hidden_size", "intermediate_size"):
         if size not in confirmed:
@@ -375,7 +380,9 @@ def _check_projection(stored: dict, module: str, proj: str, n: int, k: int, conf
         if weight is None:
             return
         if scale[1] not in ((1,), ()) or scale[0] not in _FLOAT_DTYPES:
-            raise BitNetCheckpointError(f"{where}: {module}.weight_scale is {scale[0]} {scale[1]}, expected a float (1,)")
+            raise BitNetCheckpointError(
+                f"{where}: {module}.weight_scale is {scale[0]} {scale[1]}, expected a float (1,)"
+            )
         return
     if weight is None:
         return
