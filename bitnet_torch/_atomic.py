@@ -11,8 +11,9 @@ step is a rename, never a copy). Everything is written there; only when the bloc
   directories are exchanged in one step (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames, the
   old one kept until the new one is in place) and the old one is deleted.
 
-On any exception inside the block, or in the swap, the temporary directory is removed and ``target`` is left
-as it was. A process killed mid-write leaves only a hidden ``.<name>.partial-<pid>-*`` directory, never a
+Before the swap every file is ``fsync``-ed (and the parent directory after it), so even a power loss never
+exposes a directory whose data is not on disk. On any exception inside the block, or in the swap, the
+temporary directory is removed and ``target`` is left as it was. A process killed mid-write leaves only a hidden ``.<name>.partial-<pid>-*`` directory, never a
 half-written ``target``; the next :func:`atomic_directory` on the same target removes such leftovers of dead
 processes.
 """
@@ -122,6 +123,32 @@ def _swap_in(partial: Path, target: Path) -> None:
     os.rename(aside, partial)
 
 
+def _flush_to_disk(folder: Path) -> None:
+    """``fsync`` every regular file under ``folder`` and the folder itself, so the swap never exposes files
+    whose data is still only in the page cache (a power loss right after the rename)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_directory(folder)
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory descriptors
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, drop_old: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` as a whole when the block succeeds.
@@ -146,6 +173,8 @@ def atomic_directory(target: str | os.PathLike, drop_old: Callable[[str], bool] 
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(partial, 0o777 & ~umask)
+        _flush_to_disk(partial)
         _swap_in(partial, target)
+        _fsync_directory(target.parent)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
