@@ -230,8 +230,10 @@ def test_num_parameters_counts_packed_weights_as_their_logical_values(tied):
     trainable_norms = layers * (3 * hidden + inter) + hidden + vocab * hidden * (1 if tied else 2)
     assert packed.num_parameters(only_trainable=True) == trainable_norms
     assert master.num_parameters(only_trainable=True) == expected
-    int8 = BitNetForCausalLM.from_config(config, packed=True).quantize_output_layers(lm_head=True, embedding=True)
-    assert int8.num_parameters() == expected
+    for head, embedding in ((True, False), (False, True), (True, True)):  # int8 buffers count as their values
+        int8 = BitNetForCausalLM.from_config(config, packed=True).quantize_output_layers(lm_head=head, embedding=embedding)
+        assert int8.num_parameters() == expected, (head, embedding)
+        assert int8.num_parameters(exclude_embeddings=True) == non_embedding, (head, embedding)
     # the memory footprint stays the bytes actually held
     held = sum(t.numel() * t.element_size() for t in list(packed.parameters()) + list(packed.buffers()))
     assert packed.get_memory_footprint() == held

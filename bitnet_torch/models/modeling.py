@@ -310,23 +310,6 @@ class BitNetPreTrainedModel(hf_bitnet.BitNetPreTrainedModel):
             elif isinstance(head, nn.Linear):
                 count -= head.weight.numel()  # Transformers' count kept the float head: it is the embedding
         return count
-        tied = self.config.tie_word_embeddings
-        seen: set[int] = set()
-        for module in self.modules():
-            if isinstance(module, PackedBitLinear):
-                count += module.weight.numel() * VALUES_PER_BYTE
-                count += module.bias.numel() if module.bias is not None else 0
-            elif isinstance(module, (Int8Linear, Int8Embedding)):
-                is_embedding = isinstance(module, Int8Embedding)
-                if id(module.weight) in seen or (exclude_embeddings and (is_embedding or tied)):
-                    continue
-                seen.add(id(module.weight))
-                if not is_embedding and tied:
-                    continue  # a tied int8 head stands for the embedding matrix, counted with the embedding
-                count += module.weight.numel()
-                if is_embedding and tied and isinstance(getattr(self, "lm_head", None), nn.Linear):
-                    count -= module.weight.numel()  # the float head still holds the tied matrix as a Parameter
-        return count
 
     # -- construction ----------------------------------------------------------------------------------
 
