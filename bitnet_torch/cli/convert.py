@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .._atomic import atomic_directory
 from ._common import CLIError, _require_path, _read_json, _set_threads
 
 
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import BitNetForCausalLM
+    from ..models.checkpoint import stale_weight_files
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[args.dtype]
     quant = config.get("quantization_config") or {}
@@ -60,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot convert {src} ({config.get('model_type')}): {exc}") from exc
         if target == "packed":
             model.pack()
-    model.save_pretrained(out, packed=(target == "packed"))
-    tokenizer = _copy_tokenizer(src, out)
+    # All or nothing: model and tokenizer are written beside `out` and replace it in one step once complete.
+    with atomic_directory(out, drop_old=stale_weight_files()) as partial:
+        model.save_pretrained(partial, packed=(target == "packed"))
+        tokenizer = _copy_tokenizer(src, partial)
     print(f"converted {src} ({what}) -> {out}" + ("" if tokenizer else " (no tokenizer found to copy)"))
     if not is_bitnet and target == "master":
         print("next: keep training with the lambda warm-up (examples/convert_pretrained.py, LambdaWarmupCallback) before packing")
@@ -79,6 +83,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--to", choices=("auto", "master", "packed"), default="auto",
                    help="target form: auto = master for a full-precision model, packed for a BitNet master")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="dtype to load with")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty output directory (its other files are kept; the new checkpoint "
+                        "replaces the old one only once it is completely written)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.set_defaults(handler=run)

@@ -54,6 +54,9 @@ MASTER_QUANTIZATION_CONFIG: dict[str, str] = {
 }
 
 _LINEAR_CLASSES = ("autobitlinear", "bitlinear")
+#: Architecture sizes that must be positive integers (:meth:`BitNetConfig.check_sizes`).
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "max_position_embeddings")
 _MODES = ("online", "offline")
 
 
@@ -125,6 +128,41 @@ class BitNetConfig(_TransformersBitNetConfig):
         super().__post_init__(**kwargs)
         self.quantization_config = quantization_config
         _check_hidden_act(self.hidden_act)
+        self.check_sizes()
+
+    def check_sizes(self) -> None:
+        """Raise ``ValueError`` naming the field when the architecture sizes cannot describe a model.
+
+        Every size must be a positive integer, ``hidden_size`` a multiple of ``num_attention_heads`` (unless
+        ``head_dim`` is given), ``num_attention_heads`` a multiple of ``num_key_value_heads`` (grouped-query
+        attention) and the head dimension even (RoPE rotates pairs). Cheap: no size is iterated over, so an
+        absurd ``num_hidden_layers`` costs nothing here (it is checked against the checkpoint's tensors when
+        loading, see :mod:`.checkpoint`).
+        """
+        for name in _POSITIVE_SIZES:
+            value = getattr(self, name, None)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        head_dim = getattr(self, "head_dim", None)
+        if head_dim is not None:
+            if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
+                raise ValueError(f"config.head_dim must be a positive integer, got {head_dim!r}")
+        elif self.hidden_size % heads:
+            raise ValueError(
+                f"config.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({heads})"
+            )
+        else:
+            head_dim = self.hidden_size // heads
+        if heads % kv_heads:
+            raise ValueError(
+                f"config.num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+            )
+        if head_dim % 2:
+            raise ValueError(f"the head dimension ({head_dim}) must be even (rotary embeddings rotate pairs)")
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+            raise ValueError(f"config.rms_norm_eps must be a positive finite number, got {eps!r}")
 
     @property
     def is_packed(self) -> bool:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, StaticCache
+from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bitnet import modeling_bitnet as hf_bitnet
 from transformers.utils.deprecation import deprecate_kwarg
@@ -278,6 +279,40 @@ class BitNetPreTrainedModel(PeftAdapterCompatMixin, hf_bitnet.BitNetPreTrainedMo
         """The decoder stack (``self`` for :class:`BitNetModel`, ``self.model`` for the causal LM)."""
         return self if isinstance(self, BitNetModel) else self.model
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The logical parameter count: what the float master form of this model holds, whatever form it is in.
+
+        Transformers' count sees only ``nn.Parameter`` s; packed ternary weights are uint8 buffers holding four
+        values a byte and int8 head/embedding weights are buffers too, so they are counted here as the values
+        they stand for (``weight.numel() * 4`` for a packed projection, one per int8 element), and a tied
+        head/embedding once. ``get_memory_footprint()`` still reports the bytes actually held.
+        ``only_trainable``: only parameters with ``requires_grad`` (packed and int8 weights never are);
+        ``exclude_embeddings``: without the input embedding (and a head tied to it), as in Transformers.
+        """
+        count = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if only_trainable:
+            return count
+        head, embed = getattr(self, "lm_head", None), self._base_model().embed_tokens
+        tied = head is not None and self.config.tie_word_embeddings
+        int8_weights: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+        for module in self.modules():
+            if isinstance(module, PackedBitLinear):
+                count += module.weight.numel() * VALUES_PER_BYTE
+                count += module.bias.numel() if module.bias is not None else 0
+            elif isinstance(module, (Int8Linear, Int8Embedding)):
+                int8_weights.setdefault(id(module.weight), (module, module.weight))
+        for module, weight in int8_weights.values():
+            if exclude_embeddings and (module is embed or (tied and module is head)):
+                continue
+            count += weight.numel()
+        if tied and head.weight is not embed.weight:
+            # the tied matrix is held twice (an int8 copy beside the float one): count it once
+            if not exclude_embeddings:
+                count -= embed.weight.numel()
+            elif isinstance(head, nn.Linear):
+                count -= head.weight.numel()  # Transformers' count kept the float head: it is the embedding
+        return count
+
     # -- construction ----------------------------------------------------------------------------------
 
     @classmethod
@@ -314,11 +349,16 @@ class BitNetPreTrainedModel(PeftAdapterCompatMixin, hf_bitnet.BitNetPreTrainedMo
           one tensor at a time while loading (the float model never exists as a whole).
 
         Every other ``from_pretrained`` keyword works as in Transformers (``dtype``, ``attn_implementation``,
-        ``revision``, …), and config fields can be overridden (``quantize_lm_head=True``).
-        Refuses, with :class:`~bitnet_torch.models.BitNetCheckpointError`: a config that is not
-        ``model_type: bitnet`` or not ``quant_method: bitnet``, pickle-only weights, truncated/corrupt
-        safetensors, tensors whose dtype/shape disagree with the config, missing tensors, and ``packed=False``
-        on a packed checkpoint. ``use_safetensors=False`` and ``quantization_config=`` are refused.
+        ``revision``, ``output_loading_info``, …), config fields can be overridden (``quantize_lm_head=True``),
+        and ``from_pretrained(None, config=cfg, state_dict=sd)`` loads an in-memory state dict. As in
+        Transformers, tensors the checkpoint lacks are initialised, warned about and listed in ``missing_keys``
+        (a base-model checkpoint loads into the causal LM, its untied head initialised), unused ones in
+        ``unexpected_keys``. Refuses, with :class:`~bitnet_torch.models.BitNetCheckpointError`: a config that
+        is not ``model_type: bitnet`` / ``quant_method: bitnet`` or has impossible sizes, pickle-only weights,
+        truncated/corrupt safetensors, shard indexes naming files outside the folder, tensors whose dtype/shape
+        disagree with the config, a config declaring more layers than the files hold, half a packed pair,
+        packed codes holding the invalid code 3 or a ``weight_scale`` that is not positive and finite, and
+        ``packed=False`` on a packed checkpoint. ``use_safetensors=False`` and ``quantization_config=`` are refused.
         """
         from .checkpoint import load_pretrained
 
@@ -336,6 +376,9 @@ class BitNetPreTrainedModel(PeftAdapterCompatMixin, hf_bitnet.BitNetPreTrainedMo
         holds. int8 head/embedding are written as float. Other keywords go to Transformers' ``save_pretrained``.
         With adapters attached by ``load_adapter``/``add_adapter``, only the active adapter is written (peft's
         format, as Transformers does).
+        All or nothing: the checkpoint is written beside ``save_directory`` and replaces it in one step once
+        complete (an existing directory keeps its other files, as in Transformers); a failed or killed save
+        leaves the old checkpoint as it was. ``push_to_hub=True`` is refused (upload the saved folder instead).
         """
         from .checkpoint import save_pretrained
 
@@ -377,6 +420,7 @@ class BitNetModel(BitNetPreTrainedModel, hf_bitnet.BitNetModel):
     def __init__(self, config: BitNetConfig, _quantization_config: dict | None = None):
         if _quantization_config is not None:  # set by from_pretrained, see BitNetForCausalLM.__init__
             config.quantization_config = dict(_quantization_config)
+        config.check_sizes()
         BitNetPreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
@@ -401,7 +445,7 @@ class BitNetModel(BitNetPreTrainedModel, hf_bitnet.BitNetModel):
         ]
 
 
-class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM):
+class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM, GenerationMixin):
     """BitNet b1.58 causal LM: a Transformers ``PreTrainedModel`` + ``GenerationMixin`` with our projections.
 
     Construction:
