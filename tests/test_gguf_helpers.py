@@ -121,9 +121,11 @@ def make_tiny_checkpoint(
     return model_dir
 
 
-def rewrite_gguf(src: Path, dst: Path, set_fields: dict | None = None, drop_fields: tuple[str, ...] = ()) -> Path:
-    """Copy a (non-I2_S) GGUF file with some metadata values replaced or dropped: files our exporter refuses to
-    write (a config contradicting the tensors, a broken ``hf_config``), for the reader's refusal tests."""
+def rewrite_gguf(src: Path, dst: Path, set_fields: dict | None = None, drop_fields: tuple[str, ...] = (),
+                 drop_tensors: tuple[str, ...] = ()) -> Path:
+    """Copy a (non-I2_S) GGUF file with some metadata values replaced or dropped, or some tensors left out: files
+    our exporter refuses to write (a config contradicting the tensors, a broken ``hf_config``), for the reader's
+    refusal tests."""
     import gguf
 
     set_fields = set_fields or {}
@@ -136,6 +138,8 @@ def rewrite_gguf(src: Path, dst: Path, set_fields: dict | None = None, drop_fiel
         sub_type = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, set_fields.get(key, fld.contents()), vtype, sub_type=sub_type)
     for tensor in reader.tensors:
+        if tensor.name in drop_tensors:
+            continue
         kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
         if kind in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
             writer.add_tensor(tensor.name, np.asarray(tensor.data))

@@ -208,6 +208,16 @@ def test_an_embedded_config_with_absurd_layers_is_refused_at_once(good_gguf, tmp
         load_gguf(bad)
 
 
+def test_a_gguf_missing_a_tensor_is_refused_not_initialised(good_gguf, tmp_path):
+    """A checkpoint folder may lack tensors (initialised and reported, as in Transformers); a GGUF file is whole by
+    construction, so a missing tensor is a broken file and must not be filled with random values."""
+    from bitnet_torch import BitNetForCausalLM
+
+    bad = rewrite_gguf(good_gguf, tmp_path / "missing.gguf", drop_tensors=("blk.0.attn_norm.weight",))
+    with pytest.raises(GGUFError, match="tensor model.layers.0.input_layernorm.weight is missing"):
+        BitNetForCausalLM.from_gguf(bad)
+
+
 @pytest.mark.parametrize(
     "value,match",
     [

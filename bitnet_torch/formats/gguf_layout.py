@@ -209,7 +209,7 @@ def check_config_against_shapes(config: dict, shapes: dict[str, tuple[int, ...]]
             why[name] = fields
     for name, shape in expected.items():
         if name not in shapes:
-            raise GGUFError(f"tensor {name} is missing (the {source} describes it)")
+            raise GGUFError(f"tensor {name} is missing ({source} describes it)")
         if tuple(shapes[name]) != shape:
             raise GGUFError(
                 f"{name} has shape {list(shapes[name])} but {source} implies {list(shape)} ({why[name]}): "
