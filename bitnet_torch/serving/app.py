@@ -131,6 +131,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _field_path(loc: tuple) -> str | None:
+    """``messages.0.role`` from a pydantic error location, without the union-branch tags (``str``, ``list[int]``)."""
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int) or (isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS):
+            parts.append(str(part))
+        else:
+            break
+    return ".".join(parts) or None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
+
+
 def _parse(body: bytes, schema: type[protocol.BaseModel]) -> Any:
     try:
         data = json.loads(body)
@@ -142,9 +156,9 @@ def _parse(body: bytes, schema: type[protocol.BaseModel]) -> Any:
         request = schema.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise APIError(422, f"invalid request: {where}: {first.get('msg')}" if where else
-                       f"invalid request: {first.get('msg')}", param=where, code="invalid_type") from None
+        where = _field_path(first.get("loc", ()))
+        message = f"invalid value for '{where}': {first.get('msg')}" if where else f"invalid request: {first.get('msg')}"
+        raise APIError(422, message, param=where, code="invalid_type") from None
     problem = protocol.unsupported_fields(request)
     if problem:
         raise APIError(400, problem, code="unsupported")
@@ -218,10 +232,16 @@ class _Handler:
         refused = state.limiter.admit(client, charge)
         if refused is not None:
             which, wait = refused
-            retry = "60" if math.isinf(wait) else str(max(1, math.ceil(wait)))
             limit = state.config.rate_limit_rpm if which == "requests" else state.config.rate_limit_tpm
-            raise APIError(429, f"rate limit reached for this API key: {limit:g} {which} per minute", "rate_limit_error",
-                           code="rate_limit_exceeded", reason=f"rate_limit_{which}", headers={"Retry-After": retry})
+            if math.isinf(wait):
+                message = (f"this request needs {charge} tokens (prompt + max_tokens), more than this API key's limit "
+                           f"of {limit:g} tokens per minute")
+                retry = "60"
+            else:
+                message = f"rate limit reached for this API key: {limit:g} {which} per minute"
+                retry = str(max(1, math.ceil(wait)))
+            raise APIError(429, message, "rate_limit_error", code="rate_limit_exceeded", reason=f"rate_limit_{which}",
+                           headers={"Retry-After": retry})
         request_id = protocol.new_id("chatcmpl" if self.chat else "cmpl")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
