@@ -22,9 +22,14 @@ PROMPTS = ["In the beginning God", "And the earth was without form", "Let there 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    # One thread: a tiny model's ops are too small to split, and on a loaded machine OpenMP barriers between
+    # two threads cost 100x the op itself.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("serving") / "packed", form="packed")
     model, tokenizer = load_model(path)
-    return model, tokenizer
+    yield model, tokenizer
+    torch.set_num_threads(threads)
 
 
 def _generate(model, ids, max_new_tokens, eos):
