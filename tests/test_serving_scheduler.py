@@ -85,6 +85,41 @@ def test_make_decoder_falls_back_to_the_model_forward_without_the_engine(tiny):
     assert decoder.max_batch_size == 2 and decoder.max_seq_len == 64 and decoder.vocab_size == model.config.vocab_size
 
 
+def test_batched_decode_step_is_bitwise_the_per_sequence_forward(tiny):
+    """The one-pass batched decode step gives, row by row, the bits of the model's forward on each sequence alone,
+    whatever the batch holds (lengths differ, slots join and leave)."""
+    model, tokenizer = tiny
+    batched, single = ModelDecoder(model, 6, 64), ModelDecoder(model, 6, 64, batched=False)
+    assert batched.batched and not single.batched
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS] + [[5], list(range(3, 40))]
+    slots = {i: (batched.allocate(), single.allocate()) for i in range(len(prompts))}
+    tokens = {i: int(batched.prefill(slots[i][0], p).argmax()) for i, p in enumerate(prompts)}
+    for i, p in enumerate(prompts):
+        single.prefill(slots[i][1], p)
+    members = [[0, 1, 2, 3, 4, 5], [5, 2], [3], [0, 1, 2, 3, 4, 5], [4, 0, 3]]
+    for rows in members:
+        got = batched.decode([slots[i][0] for i in rows], [tokens[i] for i in rows])
+        want = single.decode([slots[i][1] for i in rows], [tokens[i] for i in rows])
+        assert torch.equal(got, want)
+        tokens.update({i: int(r.argmax()) for i, r in zip(rows, got)})
+
+
+def test_batched_decode_is_refused_for_a_float_head(tiny, tmp_path):
+    from bitnet_torch.models import BitNetForCausalLM
+    from bitnet_torch.serving.backend import batched_decode_supported
+
+    model, _ = tiny
+    path = tmp_path / "m"
+    model.save_pretrained(path)
+    float_head = BitNetForCausalLM.from_pretrained(path, packed=True, quantize_lm_head=False, quantize_embedding=False)
+    supported, why = batched_decode_supported(float_head)
+    assert not supported and "head" in why
+    assert not ModelDecoder(float_head, 2, 32).batched
+    with pytest.raises(ValueError, match="not bitwise batch-invariant"):
+        ModelDecoder(float_head, 2, 32, batched=True)
+    assert batched_decode_supported(model) == (True, "")
+
+
 def test_decoder_slots_logits_are_bitwise_the_same_alone_and_in_a_batch(tiny):
     model, tokenizer = tiny
     decoder = ModelDecoder(model, 4, 64)

@@ -8,13 +8,18 @@ The scheduler codes against one interface (:class:`Decoder`), the one of the fus
     decode(slots, token_ids) -> fp32 logits [len(slots), vocab], one new token per slot
 
 and relies on one promise: a slot's logits are bitwise the same whether it is decoded alone or in any batch.
-:func:`make_decoder` uses the engine when it is importable and supports the model, else
-:class:`ModelDecoder`, which runs the model's own ``forward`` once per sequence, each with its own
-``DynamicCache``. Why one forward per sequence: Transformers' caches write one position for the whole batch
-(``cache_position`` is shared), so sequences of different lengths cannot share a batched forward without padding,
-and padding changes the attention's float arithmetic with what else is in the batch; a forward per sequence
-keeps every sequence's arithmetic exactly that of ``generate()`` on it alone. Batching the weight stream
-across sequences is the engine's job.
+:func:`make_decoder` uses the engine when it is importable and supports the model, else :class:`ModelDecoder`,
+built on the model's own modules: each slot has its own ``DynamicCache``; prefill is the model's ``forward`` on
+that slot alone (so a one-chunk prompt gives exactly ``generate()``'s logits); a decode step runs the layers once
+for the whole batch -- embedding, RMSNorms, the packed projections (one weight stream for every sequence) and
+the int8 head on ``[batch, 1, hidden]`` -- and only RoPE, the cache update and attention per sequence, with the
+same calls the model's attention makes. Every batched op works row by row (per-token int8 activations, exact
+integer accumulation, per-row norms), so each row is bitwise what a forward of that sequence alone gives.
+
+Why not one batched ``forward`` with a static cache: Transformers' caches write one position for the whole batch
+(``cache_position`` is shared), so sequences of different lengths would need padding, and padding changes the
+attention's float arithmetic with what else is in the batch. Models whose projections or head are not
+row-independent (float ``BitLinear`` master weights, a float head) decode one ``forward`` per sequence instead.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-__all__ = ["Decoder", "ModelDecoder", "make_decoder", "load_model"]
+__all__ = ["Decoder", "ModelDecoder", "make_decoder", "load_model", "batched_decode_supported"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ class ModelDecoder:
     prefilled in one chunk.
     """
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_seq_len: int):
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_seq_len: int, batched: bool | None = None):
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
         self.model = model.eval()
@@ -63,6 +68,12 @@ class ModelDecoder:
         self._lengths: dict[int, int] = {}
         self._free = list(range(self.max_batch_size - 1, -1, -1))
         self._device = next(model.parameters(), torch.empty(0)).device
+        supported, why = batched_decode_supported(model)
+        if batched and not supported:
+            raise ValueError(f"batched decode is not bitwise batch-invariant for this model: {why}")
+        self.batched = supported if batched is None else bool(batched)
+        if not self.batched:
+            logger.info("decoding one forward per sequence (%s)", why if not supported else "asked")
 
     def allocate(self) -> int:
         """A free slot with an empty KV cache; ``RuntimeError`` when all ``max_batch_size`` slots are taken."""
@@ -116,8 +127,76 @@ class ModelDecoder:
             raise ValueError(f"decode got a slot twice: {list(slots)}")
         for slot in slots:
             self._check(slot)
+            if self._lengths[slot] + 1 > self.max_seq_len:
+                raise ValueError(f"slot {slot} is full (max_seq_len={self.max_seq_len})")
+        if self.batched:
+            return self._decode_batched(list(slots), [int(t) for t in token_ids])
         rows = [self._forward(slot, torch.tensor([int(tok)])) for slot, tok in zip(slots, token_ids)]
         return torch.stack(rows)
+
+    def _decode_batched(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        """One token for every slot: the layers once over ``[batch, 1, hidden]``, attention per sequence.
+
+        Follows ``BitNetModel.forward`` / ``BitNetDecoderLayer.forward`` / ``BitNetAttention.forward`` step for
+        step; per sequence it builds the mask and RoPE as the model does for a batch of one.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        from ..models.attention import apply_rotary, attend
+        from ..models.modeling import project_group
+
+        base = self.model.model
+        with torch.inference_mode():
+            hidden = base.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=self._device).view(-1, 1))
+            rows = []
+            for i, slot in enumerate(slots):
+                cache = self._caches[slot]
+                position_ids = torch.tensor([[self._lengths[slot]]], device=self._device)
+                row = hidden[i:i + 1]
+                mask = create_causal_mask(config=base.config, inputs_embeds=row, attention_mask=None, cache=cache,
+                                          position_ids=position_ids)
+                rows.append((cache, position_ids, mask, base.rotary_emb(row, position_ids=position_ids)))
+            for layer in base.layers[: base.config.num_hidden_layers]:
+                attn = layer.self_attn
+                residual = hidden
+                normed = layer.input_layernorm(hidden)
+                query, key, value = project_group(normed, (attn.q_proj, attn.k_proj, attn.v_proj))
+                outputs = []
+                for i, (cache, position_ids, mask, (cos, sin)) in enumerate(rows):
+                    shape = (1, 1, -1, attn.head_dim)
+                    q = query[i:i + 1].view(shape).transpose(1, 2)
+                    k = key[i:i + 1].view(shape).transpose(1, 2)
+                    v = value[i:i + 1].view(shape).transpose(1, 2)
+                    q, k = apply_rotary(q, k, cos, sin)
+                    kwargs = {"position_ids": position_ids, "use_cache": True}
+                    k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+                    out, _ = attend(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+                    outputs.append(out.reshape(1, 1, -1).contiguous())
+                attended = attn.o_proj(attn.attn_sub_norm(torch.cat(outputs, dim=0)))
+                hidden = residual + attended
+                residual = hidden
+                hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            logits = self.model.lm_head(base.norm(hidden))
+        for slot in slots:
+            self._lengths[slot] += 1
+        return logits[:, -1].float()
+
+
+def batched_decode_supported(model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether :class:`ModelDecoder` can decode a batch in one pass with bitwise per-row results: a BitNet model
+    with packed projections and an int8 head (every batched op then works row by row), sdpa or eager attention."""
+    from ..nn import Int8Linear, PackedBitLinear
+
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "projections") or not hasattr(base, "rotary_emb"):
+        return False, f"{type(model).__name__} is not a bitnet_torch BitNetForCausalLM"
+    if not all(isinstance(m, PackedBitLinear) for _, m in base.projections()):
+        return False, "the projections are not packed (PackedBitLinear)"
+    if not isinstance(getattr(model, "lm_head", None), Int8Linear):
+        return False, "the output head is not int8 (a float head's matmul may depend on the batch)"
+    if model.config._attn_implementation not in ("sdpa", "eager"):
+        return False, f"attention implementation {model.config._attn_implementation!r}"
+    return True, ""
 
 
 def make_decoder(model: torch.nn.Module, max_batch_size: int, max_seq_len: int) -> Decoder:
