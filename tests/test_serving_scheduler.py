@@ -352,3 +352,39 @@ def test_token_bucket_refills_and_tells_how_long_to_wait():
     assert which == "tokens" and wait == pytest.approx((100 - 80) / 2.0)
     limiter.refund("b", 20)
     assert limiter.admit("b", 100) is None
+
+
+def test_load_model_refuses_what_it_cannot_serve(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(ValueError, match="not a .gguf"):
+        load_model(tmp_path / "weights.bin")
+    (tmp_path / "m.gguf").write_bytes(b"\0")
+    with pytest.raises(ValueError, match="needs a tokenizer directory"):
+        load_model(tmp_path / "m.gguf")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_a_gguf_model_serves_its_greedy_generate_tokens(tiny, tmp_path):
+    from bitnet_torch.export import export_gguf
+
+    _, tokenizer = tiny
+    source = make_tiny_checkpoint(tmp_path / "packed", form="packed")
+    export_gguf(source, tmp_path / "m.gguf", type="i2_s")
+    model, gguf_tokenizer = load_model(tmp_path / "m.gguf", tokenizer_path=source)
+    ids = gguf_tokenizer(PROMPTS[0])["input_ids"]
+    scheduler = _scheduler(model, gguf_tokenizer)
+    sink = Collector()
+    scheduler.submit("a", ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), sink)
+    _drain(scheduler)
+    assert sink.tokens == _generate(model, ids, 8, [10 ** 6])
+
+
+def test_serve_command_has_help():
+    from bitnet_torch.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
