@@ -104,7 +104,9 @@ def synthetic_tokenizer(vocab_size: int, bos_id: int, eos_id: int, out_dir: Path
 
 
 def prepare_shape(shape: str, root: Path) -> tuple[Path, Path]:
-    """Random packed checkpoint + tokenizer in ``root/shape`` and its I2_S GGUF; returns (dir, gguf)."""
+    """Random packed checkpoint + tokenizer in ``root/shape`` and its I2_S GGUF; returns (dir, gguf).
+
+    Files already in ``root`` (an earlier run with the same ``--workdir``) are reused."""
     import torch
 
     from bench_generate import shape_config
@@ -113,12 +115,15 @@ def prepare_shape(shape: str, root: Path) -> tuple[Path, Path]:
 
     directory = root / shape
     config = shape_config(shape)
+    gguf = root / f"{shape}-i2_s.gguf"
+    if gguf.is_file() and (directory / "tokenizer.json").is_file():
+        print(f"[{shape}] reusing {directory} and {gguf}", flush=True)
+        return directory, gguf
     torch.manual_seed(0)
     model = BitNetForCausalLM.from_config(config, packed=True, dtype=torch.bfloat16)
     model.save_pretrained(directory)
     del model
     synthetic_tokenizer(config.vocab_size, config.bos_token_id, config.eos_token_id, directory)
-    gguf = root / f"{shape}-i2_s.gguf"
     export_gguf(directory, gguf, type="i2_s")
     return directory, gguf
 
@@ -178,11 +183,20 @@ def _one_request(client, url: str, model: str, prompt: list[int], max_tokens: in
             if data == "[DONE]":
                 break
             chunk = json.loads(data)
-            choices = chunk.get("choices") or []
-            if choices:
-                if choices[0].get("text"):
+            if "choices" in chunk:  # OpenAI format (ours)
+                choices = chunk.get("choices") or []
+                if choices:
+                    if choices[0].get("text"):
+                        times.append(time.perf_counter())
+                    finish = choices[0].get("finish_reason") or finish
+            elif "content" in chunk:  # llama.cpp's native format (bitnet.cpp's llama-server answers /v1/completions so)
+                if chunk["content"]:
                     times.append(time.perf_counter())
-                finish = choices[0].get("finish_reason") or finish
+                if chunk.get("stop"):
+                    finish = "length" if chunk.get("stopped_limit") else "stop"
+                    if chunk.get("tokens_predicted") is not None and chunk["tokens_predicted"] != max_tokens:
+                        raise RuntimeError(f"llama-server generated {chunk['tokens_predicted']} of {max_tokens} tokens")
+                    break
     ended = time.perf_counter()
     if not times:
         raise RuntimeError("no token was streamed")

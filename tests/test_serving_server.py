@@ -398,6 +398,8 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
     ("/v1/completions", {"prompt": 42}, 422, "prompt"),
     ("/v1/completions", {}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400, "at most 16 stop"),
+    ("/v1/completions", b"[" * 9_000 + b"]" * 9_000, 400, "too deeply"),
 ]
 
 

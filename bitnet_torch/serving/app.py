@@ -150,6 +150,8 @@ def _parse(body: bytes, schema: type[protocol.BaseModel]) -> Any:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="bad_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply", code="bad_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="bad_json")
     try:
@@ -180,7 +182,11 @@ class _Handler:
                 raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in req.messages]
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # noqa: BLE001 - a template that raises (e.g. on a role) refuses the request
+                raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages",
+                               code="chat_template_error") from None
             return list(tok(text, add_special_tokens=False)["input_ids"])
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -202,7 +208,9 @@ class _Handler:
             raise APIError(400, f"the prompt has {prompt_len} tokens, more than the maximum of "
                                 f"{cfg.max_prompt_tokens} prompt tokens", param="messages" if self.chat else "prompt",
                            code="prompt_too_long")
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or cfg.default_max_tokens
+        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        # Unspecified: the default, shortened to what the context leaves after the prompt.
+        max_tokens = asked or max(1, min(cfg.default_max_tokens, cfg.max_seq_len - prompt_len))
         if max_tokens > cfg.max_tokens_limit:
             raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of max_tokens="
                                 f"{cfg.max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")

@@ -22,6 +22,9 @@ __all__ = [
 
 Number = Union[StrictInt, StrictFloat]
 
+#: the most ``stop`` strings one request may give
+MAX_STOP_SEQUENCES = 16
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -98,6 +101,8 @@ def unsupported_fields(request: _Request) -> str | None:
     for name in ("chat_template", "chat_template_kwargs", "add_generation_prompt"):
         if name in extra:
             return f"'{name}' is not accepted: the chat template comes from the model's files"
+    if len(request.stop_strings()) > MAX_STOP_SEQUENCES:
+        return f"at most {MAX_STOP_SEQUENCES} stop sequences are accepted"
     if request.n not in (None, 1):
         return "only n=1 is supported"
     if request.logprobs not in (None, False, 0):
