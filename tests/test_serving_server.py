@@ -229,8 +229,11 @@ def test_models_health_and_api_keys(servers):
     log = main.log_text()
     assert MAIN_KEY not in log and client_id(MAIN_KEY) in log
     lines = [json.loads(line.split(": ", 1)[1]) for line in log.splitlines() if "serving.requests:" in line]
-    assert any(rec["client"] == client_id(MAIN_KEY) and rec["completion_tokens"] == 2 and rec["status"] == 200
-               and rec["finish_reason"] in ("length", "stop") and rec["ttft_s"] is not None for rec in lines)
+    assert any(rec["event"] == "request" and rec["client"] == client_id(MAIN_KEY) and rec["completion_tokens"] == 2
+               and rec["status"] == 200 and rec["finish_reason"] in ("length", "stop") and rec["ttft_s"] is not None
+               for rec in lines)
+    assert any(rec["event"] == "refused" and rec["status"] == 401 and rec["reason"] == "unauthorized"
+               for rec in lines)
 
 
 def test_chat_greedy_text_equals_generate_streaming_or_not(servers, reference):
@@ -512,6 +515,20 @@ def test_queue_full_is_429_and_disconnect_cancels_the_sequence(servers):
     assert _total(after, "bitnet_request_rejected_total", reason="queue_full") == 1
     assert _total(after, "bitnet_request_success_total", finished_reason="length") == _total(
         before, "bitnet_request_success_total", finished_reason="length")
+
+
+def test_a_non_streaming_client_that_disconnects_cancels_its_sequence(servers):
+    limits = servers["limits"]
+    before = _metrics(limits)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s and closes the connection
+        _post(limits, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 7000, "temperature": 0,
+                                          "ignore_eos": True}, key=LIMITS_KEY, timeout=1.0)
+    assert _wait_for(lambda: _total(_metrics(limits), "bitnet_request_success_total", finished_reason="abort")
+                     - _total(before, "bitnet_request_success_total", finished_reason="abort") == 1, timeout=3.0)
+    after = _metrics(limits)
+    assert _total(after, "bitnet_num_requests_running") == 0
+    assert _total(after, "bitnet_request_success_total", finished_reason="timeout") == _total(
+        before, "bitnet_request_success_total", finished_reason="timeout")
 
 
 def test_request_timeout_is_408_and_frees_the_slot(servers):

@@ -229,6 +229,7 @@ class _Handler:
         state = self.state
         started = time.monotonic()
         client = state.authenticate(request)
+        request.state.client = client
         if state.draining:
             raise APIError(503, "the server is shutting down", "service_unavailable", code="draining",
                            reason="draining", headers={"Retry-After": "5"})
@@ -296,13 +297,20 @@ class _Handler:
         parts: list[str] = []
         last: Event | None = None
         status = 499
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
+                    event = await asyncio.wait_for(events.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    event = None
+                # Every quarter second, busy or not: has the client gone? Then its sequence leaves the batch.
+                if loop.time() - checked >= 0.25:
+                    checked = loop.time()
                     if await request.is_disconnected():
                         return Response(status_code=499)
+                if event is None:
                     continue
                 parts.append(event.text)
                 if event.finish_reason is not None:
@@ -422,8 +430,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         state.metrics.rejected(exc.reason)
-        if exc.status >= 400 and exc.status != 401:
-            logger.info("refused %s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
+        record = {"event": "refused", "client": getattr(request.state, "client", None),
+                  "endpoint": request.url.path, "status": exc.status, "reason": exc.reason, "message": exc.message}
+        request_log.info(json.dumps(record))
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
