@@ -13,7 +13,7 @@ from typing import Any
 
 from .app import ServerState, create_app, eos_token_ids
 from .backend import load_model, make_decoder
-from .config import ServeConfig, client_id
+from .config import API_KEY_ENV, ServeConfig, client_id
 from .metrics import ServingMetrics
 from .scheduler import Scheduler
 
@@ -48,6 +48,9 @@ def serve(model_path: str | Path, config: ServeConfig, tokenizer_path: str | Pat
         logger.info("API keys required: %s", ", ".join(client_id(k) for k in config.api_keys))
     else:
         logger.warning("no API keys configured: every client is accepted")
+        if config.host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("binding %s without API keys: anyone who can reach this address can use the model "
+                           "(give --api-key-file or $%s)", config.host, API_KEY_ENV)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
                                timeout_graceful_shutdown=max(1, int(round(config.drain_timeout_s))), lifespan="on")
 
