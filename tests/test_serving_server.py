@@ -133,15 +133,13 @@ class ThreadServer:
     """The app served by uvicorn in a thread of this process (real HTTP on 127.0.0.1, no second model load)."""
 
     def __init__(self, model, tokenizer, config):
-        import uvicorn
-
         from bitnet_torch.serving.app import create_app
-        from bitnet_torch.serving.server import build_state
+        from bitnet_torch.serving.server import DrainingServer, build_state, uvicorn_config
 
         self.port = config.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(build_state(model, tokenizer, config))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.state = build_state(model, tokenizer, config)
+        self.server = DrainingServer(uvicorn_config(create_app(self.state), config), self.state)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -560,3 +558,35 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(servers):
     log = limits.log_text()
     assert "draining" in log and "drained and stopped" in log
     assert LIMITS_KEY not in log and DRAIN_KEY not in log
+
+
+def test_drain_deadline_cancels_what_is_still_running(reference):
+    """After ``drain_timeout_s`` the in-flight request is cut and its sequence leaves the batch (in-process server:
+    ``handle_exit`` is what uvicorn calls on SIGTERM)."""
+    from bitnet_torch.serving.config import ServeConfig
+
+    model, tokenizer, _ = reference
+    config = ServeConfig(model_name="tiny", max_seq_len=8192, max_tokens_limit=8000, drain_timeout_s=1.0)
+    server = ThreadServer(model, tokenizer, config)
+    try:
+        with httpx.Client(timeout=30) as client:
+            response, lines = _open_stream(client, server, key=None, max_tokens=7000)
+            assert next(line for line in lines if line.startswith("data: "))
+            started = time.monotonic()
+            server.server.handle_exit(signal.SIGTERM, None)
+            with pytest.raises(httpx.ConnectError):  # the listening socket is closed at once
+                _wait_for(lambda: httpx.get(server.url + "/health", timeout=1) is None, timeout=5)
+            tail = []
+            with pytest.raises(httpx.HTTPError):  # cut at the deadline: no [DONE]
+                tail = [line for line in lines if line.startswith("data: ")]
+                raise AssertionError(f"the stream ended normally: {tail[-1:]}")
+            response.close()
+        server.thread.join(timeout=30)
+        assert not server.thread.is_alive() and 0.9 < time.monotonic() - started < 25
+        scheduler = server.state.scheduler
+        assert scheduler.num_running == 0 and not scheduler.alive
+        abort = [s.value for s in server.state.metrics._success.collect()[0].samples
+                 if s.name.endswith("_total") and s.labels["finished_reason"] == "abort"]
+        assert abort == [1.0]
+    finally:
+        server.stop()

@@ -11,15 +11,43 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
 from .app import ServerState, create_app, eos_token_ids
 from .backend import load_model, make_decoder
 from .config import API_KEY_ENV, ServeConfig, client_id
 from .metrics import ServingMetrics
 from .scheduler import Scheduler
 
-__all__ = ["build_state", "serve", "run_from_args"]
+__all__ = ["DrainingServer", "build_state", "serve", "run_from_args", "uvicorn_config"]
 
 logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that marks the app as draining the moment a signal arrives (new requests: 503).
+
+    uvicorn then closes the listening socket, waits up to ``timeout_graceful_shutdown`` for in-flight responses,
+    cancels the rest (their sequences leave the batch) and runs the app's shutdown (the scheduler stops).
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        state = self.state
+        if not state.draining:
+            logger.warning("signal %d: draining (%d running, %d waiting; up to %.0f s)", sig,
+                           state.scheduler.num_running, state.scheduler.num_waiting, state.config.drain_timeout_s)
+        state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def uvicorn_config(app, config: ServeConfig) -> uvicorn.Config:
+    """uvicorn settings for ``app``: host/port from ``config``, the drain deadline, no access log."""
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=max(1, int(round(config.drain_timeout_s))), lifespan="on")
 
 
 def build_state(model: Any, tokenizer: Any, config: ServeConfig) -> ServerState:
@@ -38,8 +66,6 @@ def build_state(model: Any, tokenizer: Any, config: ServeConfig) -> ServerState:
 def serve(model_path: str | Path, config: ServeConfig, tokenizer_path: str | Path | None = None,
           model: Any = None, tokenizer: Any = None) -> int:
     """Load the model (unless given) and serve it until SIGTERM/SIGINT; returns the exit code (0 after a drain)."""
-    import uvicorn
-
     if model is None:
         model, tokenizer = load_model(model_path, tokenizer_path)
     state = build_state(model, tokenizer, config)
@@ -51,20 +77,9 @@ def serve(model_path: str | Path, config: ServeConfig, tokenizer_path: str | Pat
         if config.host not in ("127.0.0.1", "localhost", "::1"):
             logger.warning("binding %s without API keys: anyone who can reach this address can use the model "
                            "(give --api-key-file or $%s)", config.host, API_KEY_ENV)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
-                               timeout_graceful_shutdown=max(1, int(round(config.drain_timeout_s))), lifespan="on")
+    uv_config = uvicorn_config(app, config)
 
-    class DrainingServer(uvicorn.Server):
-        """uvicorn's server that marks the app as draining the moment a signal arrives."""
-
-        def handle_exit(self, sig, frame) -> None:
-            if not state.draining:
-                logger.warning("signal %d: draining (%d running, %d waiting; up to %.0f s)", sig,
-                               state.scheduler.num_running, state.scheduler.num_waiting, config.drain_timeout_s)
-            state.draining = True
-            super().handle_exit(sig, frame)
-
-    server = DrainingServer(uv_config)
+    server = DrainingServer(uv_config, state)
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers in place that is a no-op,
     # so a drained server returns 0 instead of dying of the signal.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
