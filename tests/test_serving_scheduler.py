@@ -4,14 +4,14 @@ stop strings, EOS, cancellation, timeouts, queue limits; the token buckets of th
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 
 pytest.importorskip("prometheus_client")
 
-from bitnet_torch.serving.app import eos_token_ids  # noqa: E402
-from bitnet_torch.serving.backend import ModelDecoder, load_model, make_decoder  # noqa: E402
+from bitnet_torch.serving.backend import ModelDecoder, eos_token_ids, load_model, make_decoder  # noqa: E402
 from bitnet_torch.serving.limits import KeyRateLimiter, TokenBucket  # noqa: E402
 from bitnet_torch.serving.metrics import ServingMetrics  # noqa: E402
 from bitnet_torch.serving.scheduler import QueueFull, SamplingParams, Scheduler, sample_token  # noqa: E402
@@ -79,9 +79,11 @@ def test_make_decoder_falls_back_to_the_model_forward_without_the_engine(tiny):
     model, _ = tiny
     decoder = make_decoder(model, 2, 64)
     try:
-        from bitnet_torch.models.engine import engine_supported  # noqa: F401
+        from bitnet_torch.models.engine import DecodeEngine, engine_supported
     except ImportError:
         assert isinstance(decoder, ModelDecoder)
+    else:
+        assert isinstance(decoder, DecodeEngine if engine_supported(model)[0] else ModelDecoder)
     assert decoder.max_batch_size == 2 and decoder.max_seq_len == 64 and decoder.vocab_size == model.config.vocab_size
 
 
@@ -318,8 +320,6 @@ def test_a_failing_decoder_step_fails_its_requests_and_the_scheduler_serves_on(t
         for _ in range(200):
             if first.finish_reason:
                 break
-            import time
-
             time.sleep(0.01)
         assert first.finish_reason == "error" and "kernel failure" in first.events[-1].error
         scheduler.submit("b", ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), second)

@@ -29,8 +29,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bitnet_torch.serving.app import eos_token_ids  # noqa: E402
-from bitnet_torch.serving.backend import load_model  # noqa: E402
+from bitnet_torch.serving.backend import eos_token_ids, load_model  # noqa: E402
 from bitnet_torch.serving.config import client_id  # noqa: E402
 from test_gguf_helpers import make_tiny_checkpoint  # noqa: E402
 

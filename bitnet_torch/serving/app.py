@@ -32,7 +32,7 @@ from .limits import KeyRateLimiter
 from .metrics import ServingMetrics
 from .scheduler import Event, QueueFull, SamplingParams, Scheduler
 
-__all__ = ["ServerState", "APIError", "create_app", "eos_token_ids"]
+__all__ = ["ServerState", "APIError", "create_app"]
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("bitnet_torch.serving.requests")
@@ -57,26 +57,6 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(protocol.error_body(self.message, self.type, self.param, self.code),
                             status_code=self.status, headers=self.headers)
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Tokens that end a generation: the model's ``generation_config.eos_token_id``, the tokenizer's EOS and,
-    when the vocabulary has it, ``<|eot_id|>`` (the end of a chat turn)."""
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
-        ids.add(eot)
-    return sorted(ids)
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-__all__ = ["Decoder", "ModelDecoder", "make_decoder", "load_model", "batched_decode_supported"]
+__all__ = ["Decoder", "ModelDecoder", "make_decoder", "load_model", "batched_decode_supported", "eos_token_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,26 @@ def make_decoder(model: torch.nn.Module, max_batch_size: int, max_seq_len: int) 
             return DecodeEngine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         logger.info("decode engine does not support this model (%s); serving with the model's forward", why)
     return ModelDecoder(model, max_batch_size, max_seq_len)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Tokens that end a generation: the model's ``generation_config.eos_token_id``, the tokenizer's EOS and,
+    when the vocabulary has it, ``<|eot_id|>`` (the end of a chat turn)."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+        ids.add(eot)
+    return sorted(ids)
 
 
 def _model_from_gguf(path: Path):

@@ -13,8 +13,8 @@ from typing import Any
 
 import uvicorn
 
-from .app import ServerState, create_app, eos_token_ids
-from .backend import load_model, make_decoder
+from .app import ServerState, create_app
+from .backend import eos_token_ids, load_model, make_decoder
 from .config import API_KEY_ENV, ServeConfig, client_id
 from .metrics import ServingMetrics
 from .scheduler import Scheduler
