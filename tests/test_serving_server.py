@@ -33,6 +33,8 @@ from bitnet_torch.serving.backend import eos_token_ids, load_model  # noqa: E402
 from bitnet_torch.serving.config import client_id  # noqa: E402
 from test_gguf_helpers import make_tiny_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.slow  # server processes: about a minute on a loaded 2-core machine
+
 REPO = Path(__file__).resolve().parents[1]
 MAIN_KEY = "sk-main-5f2b0c9d7e1a4c3b"
 LIMITS_KEY, DRAIN_KEY = "sk-limits-a1b2c3d4", "sk-drain-e5f6a7b8"
