@@ -16,7 +16,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # The CPU build of torch; an already-installed torch (e.g. a CUDA build) is kept.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,serve]"
 
 python -m pytest tests "$@"
 bash .ci/cuda_compile.sh

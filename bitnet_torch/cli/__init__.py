@@ -8,6 +8,7 @@ Subcommands (``bitnet-torch <command> --help`` explains each option)::
     convert    full-precision Transformers model -> BitNet master; master -> packed
     export     export a checkpoint (``export gguf MODEL_DIR OUT.gguf --type i2_s``)
     bench      run the kernel and generation benchmarks, write a Markdown + PNG report
+    serve      OpenAI-compatible HTTP server (continuous batching, limits, API keys, metrics)
     info       backend, CPU ISA, CUDA, versions, where the compiled extension lives
 
 Errors are printed as one line (``error: ...``) with a non-zero exit code; ``--debug`` shows the traceback.
@@ -24,7 +25,7 @@ import logging
 import sys
 from typing import Sequence
 
-from . import bench, convert, export, finetune, generate, info, train
+from . import bench, convert, export, finetune, generate, info, serve, train
 from ._common import CLIError
 
 logger = logging.getLogger("bitnet_torch.cli")
@@ -63,6 +64,7 @@ def build_parser(heavy_options: bool = True) -> argparse.ArgumentParser:
     export.add_parser(sub, common)
     bench.add_parser(sub, common)
     info.add_parser(sub, common)
+    serve.add_parser(sub, common)
     return parser
 
 
