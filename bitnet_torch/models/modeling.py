@@ -452,6 +452,12 @@ class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM):
                 kwargs.update(extra)
         return super().generate(inputs, *args, **kwargs)
 
+    def decode_path(self) -> tuple[str, str]:
+        """``("engine" | "eager", reason)``: the decode path :meth:`generate` takes by default for this model."""
+        from .engine import decode_path
+
+        return decode_path(self)
+
     @functools.wraps(hf_bitnet.BitNetForCausalLM.forward)  # keeps the signature generate() inspects
     def forward(self, *args, **kwargs):
         """Transformers' forward; a step of ``generate()`` on the decode engine when its cache is an ``EngineCache``."""

@@ -237,7 +237,7 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     std::vector<float> tmp(size_t(std::max<int64_t>(D, 1)) * 2);
     std::vector<float> scores;
-    std::vector<float> acc(size_t(G * D)), total(size_t(G));
+    std::vector<float> acc(static_cast<size_t>(G * D)), total(static_cast<size_t>(G));
     auto rows_of = [&](auto&& fn) {  // per-row work: row r on thread r % nth
       for (int64_t r = tid; r < R; r += nth) fn(r);
     };
