@@ -126,15 +126,20 @@ def native_available() -> bool:
 
 
 def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from the parent ids in /proc/*/stat)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        out += [int(c) for c in children]
-        todo += [int(c) for c in children]
+        children = [c for c, pp in parent.items() if pp == p]
+        out += children
+        todo += children
     return out
 
 
@@ -156,7 +161,7 @@ def run_bitnet_cpp(gguf: Path, threads: int, prompt: int, tokens: int, repeats: 
     peak = 0
     while proc.poll() is None:
         peak = max([peak] + [_rss_bytes(p) for p in _descendants(proc.pid)])
-        time.sleep(0.05)
+        time.sleep(0.2)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         return {"error": f"llama-bench exited {proc.returncode}: {stderr.strip()[-400:]}"}
