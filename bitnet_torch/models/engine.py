@@ -77,6 +77,8 @@ def engine_supported(model: nn.Module) -> tuple[bool, str]:
         return False, "global forward hooks are registered"
     if any(_has_hooks(m) for m in model.modules()):
         return False, "a module has forward hooks"
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return False, "accelerate hooks (device map / offloading) wrap a module"
     if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
         return False, "the model is not (entirely) on CPU"
     if getattr(config, "hidden_act", None) != "relu2":
@@ -378,7 +380,7 @@ def engine_generate_kwargs(model: nn.Module, inputs, args: tuple, kwargs: dict) 
     if args or decode_path(model)[0] != "engine":
         return None
     for key in ("cache", "past_key_values", "compile_config", "inputs_embeds", "assistant_model", "prompt_lookup_num_tokens",
-                "custom_generate"):
+                "custom_generate", "position_ids", "token_type_ids", "cache_position", "negative_prompt_ids"):
         if kwargs.get(key) is not None:
             return None
     generation_config = kwargs.get("generation_config") or model.generation_config
@@ -414,5 +416,9 @@ def engine_generate_kwargs(model: nn.Module, inputs, args: tuple, kwargs: dict) 
             return None
         needed = int(max_length)
     batch = input_ids.shape[0] * int(setting("num_return_sequences", 1) or 1)
-    engine = DecodeEngine(model, max_batch_size=batch, max_seq_len=max(needed, input_ids.shape[1] + 1))
+    try:
+        engine = DecodeEngine(model, max_batch_size=batch, max_seq_len=max(needed, input_ids.shape[1] + 1))
+    except ValueError as exc:  # e.g. a config the engine's checks refuse: the eager path still works
+        logger.info("decode engine not used: %s", exc)
+        return None
     return {"cache": EngineCache(engine)}
