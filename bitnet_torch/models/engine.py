@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 ENGINE_ENV = "BITNET_TORCH_ENGINE"
 #: Rows per engine call during prefill (bounds the step buffers: ~55 KB per row for the 2B-4T shape).
 PREFILL_CHUNK = 256
+#: A prompt of at least this many tokens into an empty slot is prefilled by the model's own forward (measured
+#: faster: SDPA's vectorised causal attention beats the engine's per-row attention for many tokens; 2B-4T pp128,
+#: 1 thread: 177 vs 123 tokens/s) and its keys/values are copied into the engine's cache.
+PREFILL_WITH_MODEL_MIN = 16
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -170,6 +174,9 @@ class DecodeEngine:
         self.max_seq_len = max_seq_len
         self.vocab_size = int(config.vocab_size)
         self.reason = reason
+        self._model = model
+        #: Prompts of at least this many tokens into an empty slot go through the model's forward (None: never).
+        self.prefill_with_model_min: int | None = PREFILL_WITH_MODEL_MIN
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -288,6 +295,8 @@ class DecodeEngine:
                 f"slot {slot}: the cache holds {self.max_seq_len} positions (max_seq_len); {start} are used and "
                 f"{len(tokens)} more do not fit"
             )
+        if start == 0 and self.prefill_with_model_min is not None and len(tokens) >= self.prefill_with_model_min:
+            return self._prefill_with_model(slot, tokens)
         logits = None
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = tokens[i:i + PREFILL_CHUNK]
@@ -296,6 +305,18 @@ class DecodeEngine:
             logits = self._step(chunk, positions, [slot] * len(chunk), [len(chunk) - 1] if last else [])
             self._lengths[slot] = start + i + len(chunk)
         return logits[0]
+
+    def _prefill_with_model(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Prefill an empty slot with the model's own forward (the eager path: its logits are exactly those of
+        eager ``generate()``'s prefill) and hand its keys/values over to the engine's cache."""
+        with torch.no_grad():
+            out = self._model(torch.tensor([tokens], dtype=torch.int64), use_cache=True, logits_to_keep=1)
+            n = len(tokens)
+            for layer, cached in enumerate(out.cache.layers):
+                self._k_cache[layer, slot, :, :n] = cached.keys[0]
+                self._v_cache[layer, slot, :, :n] = cached.values[0]
+        self._lengths[slot] = len(tokens)
+        return out.logits[0, -1].float()
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         """Append one token to each slot (all in one engine step); returns fp32 logits ``[len(slots), vocab]``."""
