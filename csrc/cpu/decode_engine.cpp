@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -52,6 +53,48 @@ BITNET_ISA_CLONES void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
     float f;
     std::memcpy(&f, &u, 4);
     dst[i] = f;
+  }
+}
+
+// Attention's two hot loops over a KV head's cache rows (fp32 or bf16), one call per (row, KV head): the
+// scores of its G query heads against every key, then the probability-weighted sum of the values. Whole loops
+// in one multi-versioned function (a call per dot product cost more than the arithmetic: measured, pp128).
+BITNET_ISA_CLONES void attention_scores(const float* q, int64_t G, const void* keys, bool bf16, int64_t len,
+                                        int64_t D, float scale, float* scores) {
+  for (int64_t j = 0; j < len; ++j) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      float s = 0.f;
+      if (bf16) {
+        const uint16_t* k = static_cast<const uint16_t*>(keys) + j * D;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < D; ++i) s += qg[i] * std::bit_cast<float>(uint32_t(k[i]) << 16);
+      } else {
+        const float* k = static_cast<const float*>(keys) + j * D;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < D; ++i) s += qg[i] * k[i];
+      }
+      scores[g * len + j] = s * scale;
+    }
+  }
+}
+
+BITNET_ISA_CLONES void attention_values(const float* p, int64_t G, const void* values, bool bf16, int64_t len,
+                                        int64_t D, float* acc) {
+  for (int64_t j = 0; j < len; ++j) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float a = p[g * len + j];
+      float* out = acc + g * D;
+      if (bf16) {
+        const uint16_t* v = static_cast<const uint16_t*>(values) + j * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) out[i] = out[i] + a * std::bit_cast<float>(uint32_t(v[i]) << 16);
+      } else {
+        const float* v = static_cast<const float*>(values) + j * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) out[i] = out[i] + a * v[i];
+      }
+    }
   }
 }
 
@@ -304,11 +347,17 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
         const float* q = qkv.get() + r * QKV + kvh * G * D;
         scores.resize(size_t(G * len));
         float* kv = tmp.data();
-        for (int64_t j = 0; j < len; ++j) {
-          const float* kj = kv;
-          if (act == FloatKind::F32) kj = static_cast<const float*>(w.k_cache) + base + j * D;
-          else load_row(w.k_cache, act, base + j * D, kv, D);
-          for (int64_t g = 0; g < G; ++g) scores[size_t(g * len + j)] = dot(q + g * D, kj, D) * d.attn_scale;
+        const bool direct = act != FloatKind::F16;  // fp32 / bf16 caches are read in place
+        const size_t elem = act == FloatKind::F32 ? 4 : 2;
+        const char* kbase = static_cast<const char*>(w.k_cache) + size_t(base) * elem;
+        const char* vbase = static_cast<const char*>(w.v_cache) + size_t(base) * elem;
+        if (direct) {
+          attention_scores(q, G, kbase, act == FloatKind::BF16, len, D, d.attn_scale, scores.data());
+        } else {
+          for (int64_t j = 0; j < len; ++j) {
+            load_row(w.k_cache, act, base + j * D, kv, D);
+            for (int64_t g = 0; g < G; ++g) scores[size_t(g * len + j)] = dot(q + g * D, kv, D) * d.attn_scale;
+          }
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t g = 0; g < G; ++g) {
@@ -325,11 +374,13 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
           }
           total[size_t(g)] = sum;
         }
-        for (int64_t j = 0; j < len; ++j) {
-          const float* vj = kv;
-          if (act == FloatKind::F32) vj = static_cast<const float*>(w.v_cache) + base + j * D;
-          else load_row(w.v_cache, act, base + j * D, kv, D);
-          for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[size_t(g * len + j)], vj, D);
+        if (direct) {
+          attention_values(scores.data(), G, vbase, act == FloatKind::BF16, len, D, acc.data());
+        } else {
+          for (int64_t j = 0; j < len; ++j) {
+            load_row(w.v_cache, act, base + j * D, kv, D);
+            for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[size_t(g * len + j)], kv, D);
+          }
         }
         for (int64_t g = 0; g < G; ++g) {
           float* out = attn.get() + r * Hq * D + (kvh * G + g) * D;
