@@ -160,7 +160,7 @@ def run_bitnet_cpp(gguf: Path, threads: int, prompt: int, tokens: int, repeats: 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     while proc.poll() is None:
-        peak = max([peak] + [_rss_bytes(p) for p in _descendants(proc.pid)])
+        peak = max([peak] + [_rss_bytes(p) for p in [proc.pid, *_descendants(proc.pid)]])
         time.sleep(0.2)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
