@@ -37,8 +37,8 @@ def set_cpu_isa(isa: str) -> str:
     return torch.ops.bitnet._cpu_isa(isa)
 
 
-def backend_info() -> dict[str, Any]:
-    """Describe the active backend.
+def backend_info(model: Any = None) -> dict[str, Any]:
+    """Describe the active backend (and, given a model, the decode path its ``generate()`` takes).
 
     Keys: ``backend`` (``"extension"`` or ``"fallback"``), ``reason`` (why the fallback is used, else None),
     ``cpu_isa`` (active CPU instruction set, None with the fallback), ``cpu_isas`` (supported ones),
@@ -58,4 +58,9 @@ def backend_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    if model is not None:
+        # The model says (BitNetForCausalLM.decode_path); this module sits below models and does not import them.
+        path, reason = model.decode_path() if hasattr(model, "decode_path") else ("eager", "not a bitnet_torch model")
+        info["decode_path"] = path
+        info["decode_path_reason"] = reason
     return info

@@ -35,6 +35,7 @@ __all__ = [
     "decode_attention",
     "rms_norm",
     "rotary_embedding",
+    "decode_step",
 ]
 
 
@@ -160,3 +161,113 @@ def rotary_embedding(
     from transformers.models.bitnet.modeling_bitnet import apply_rotary_pos_emb  # the definition; heavy to import
 
     return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+# -- decode engine (issue 12) --
+def _decode_step_check(ok: bool, message: str, error: type = ValueError) -> None:
+    if not ok:
+        raise error(f"bitnet::decode_step: {message}")
+
+
+def decode_step(
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    logit_rows: torch.Tensor,
+    embed: torch.Tensor,
+    embed_scale: torch.Tensor | None,
+    norms: torch.Tensor,
+    packed: list[torch.Tensor],
+    weight_scales: torch.Tensor,
+    rope_cos: torch.Tensor,
+    rope_sin: torch.Tensor,
+    head: torch.Tensor,
+    head_scale: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    attn_scale: float,
+) -> torch.Tensor:
+    """One forward step of a packed BitNet model, composed of the other reference ops (the definition of the op).
+
+    Layer by layer over all rows: RMSNorm, the q/k/v projections (:func:`ternary_linear`), rotary
+    (:func:`rotary_embedding`), every row's keys/values written into the cache, then each row's attention over its
+    slot's positions ``[0, position]`` (SDPA per row), ``attn_sub_norm``, ``o_proj``, the residual, the relu^2 MLP
+    with ``ffn_sub_norm``; then the final norm and the head (:func:`int8_linear` or :func:`float_linear`) for the rows
+    in ``logit_rows``. Everything is in the model dtype (``k_cache.dtype``), as the eager model computes it. Norms,
+    attention and the float head run row by row so that no row's numbers depend on the others (batch invariance).
+    """
+    _decode_step_check(k_cache.dim() == 5, f"k_cache must be 5-D [layers, slots, kv_heads, positions, head_dim], got {tuple(k_cache.shape)}")
+    _decode_step_check(v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype, "v_cache must match k_cache")
+    dtype = k_cache.dtype
+    _decode_step_check(dtype in (torch.float32, torch.bfloat16, torch.float16), f"k_cache must be float32, bfloat16 or float16, got {dtype}", TypeError)
+    n_layers, n_slots, n_kv, n_pos, head_dim = k_cache.shape
+    vocab, hidden = embed.shape
+    _decode_step_check(len(packed) == 7 * n_layers, f"packed must hold 7 weights per layer ({7 * n_layers}), got {len(packed)}")
+    _decode_step_check(num_kv_heads == n_kv and num_heads % num_kv_heads == 0 and hidden == num_heads * head_dim,
+                       "num_heads / num_kv_heads do not match the cache and the embedding")
+    _decode_step_check(token_ids.dim() == 1 and token_ids.numel() >= 1, f"token_ids must be 1-D with at least one token, got shape {tuple(token_ids.shape)}")
+    rows = token_ids.shape[0]
+    for name, t in (("token_ids", token_ids), ("positions", positions), ("slots", slots), ("logit_rows", logit_rows)):
+        _decode_step_check(t.dtype == torch.int64, f"{name} must be torch.int64, got {t.dtype}", TypeError)
+    _decode_step_check(positions.shape == (rows,) and slots.shape == (rows,), "positions and slots must have one entry per token")
+    for name, t, bound in (("token_ids", token_ids, vocab), ("positions", positions, n_pos), ("slots", slots, n_slots),
+                           ("logit_rows", logit_rows, rows)):
+        _decode_step_check(bool(((t >= 0) & (t < bound)).all()), f"{name} has values out of range [0, {bound})")
+    _decode_step_check(len(set(zip(slots.tolist(), positions.tolist()))) == rows, "two rows write the same (slot, position) of the cache")
+    intermediate = packed[4].shape[0] * VALUES_PER_BYTE if n_layers else 4
+    per_layer = 3 * hidden + intermediate
+
+    def gains(layer: int, which: int, n: int) -> torch.Tensor:
+        start = layer * per_layer + min(which, 3) * hidden
+        return norms[start:start + n].to(dtype)  # exact: the gains are values of the model dtype
+
+    def norm_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rms_norm(x[r:r + 1], weight, eps) for r in range(x.shape[0])]) if x.shape[0] else x
+
+    def project(x: torch.Tensor, layer: int, which: int) -> torch.Tensor:
+        return ternary_linear(x, packed[layer * 7 + which], weight_scales[layer * 7 + which], None)
+
+    if embed_scale is not None:
+        h = (embed[token_ids].float() * embed_scale[token_ids, None]).to(dtype)
+    else:
+        h = embed[token_ids].to(dtype)
+    cos = rope_cos[positions].to(dtype)[:, None, :]  # [R, 1, D]: each row its own batch entry of length 1
+    sin = rope_sin[positions].to(dtype)[:, None, :]
+    group = num_heads // num_kv_heads
+    for layer in range(n_layers):
+        x = norm_rows(h, gains(layer, 0, hidden))
+        q, k, v = project(x, layer, 0), project(x, layer, 1), project(x, layer, 2)
+        q = q.view(rows, num_heads, 1, head_dim)
+        k = k.view(rows, num_kv_heads, 1, head_dim)
+        q, k = rotary_embedding(q, k, cos, sin)
+        k_cache[layer, slots, :, positions] = k[:, :, 0]
+        v_cache[layer, slots, :, positions] = v.view(rows, num_kv_heads, head_dim)
+        attn = []
+        for r in range(rows):
+            length = int(positions[r]) + 1
+            keys = k_cache[layer, slots[r], :, :length][None]
+            values = v_cache[layer, slots[r], :, :length][None]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[r:r + 1], keys, values, scale=attn_scale, enable_gqa=group > 1
+            )
+            attn.append(out.reshape(1, hidden))
+        a = norm_rows(torch.cat(attn), gains(layer, 1, hidden))
+        h = h + project(a, layer, 3)
+        x = norm_rows(h, gains(layer, 2, hidden))
+        gate, up = project(x, layer, 4), project(x, layer, 5)
+        m = norm_rows(torch.square(torch.relu(gate)) * up, gains(layer, 3, intermediate))
+        h = h + project(m, layer, 6)
+    final = gains(n_layers, 0, hidden)
+    logits = []
+    for r in logit_rows.tolist():
+        x = rms_norm(h[r:r + 1], final, eps)
+        if head_scale is not None:
+            logits.append(int8_linear(x, head, head_scale, None))
+        else:
+            logits.append(float_linear(x, head, None))
+    if not logits:
+        return torch.empty(0, vocab, dtype=torch.float32, device=token_ids.device)
+    return torch.cat(logits).float()

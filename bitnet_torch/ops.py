@@ -36,6 +36,15 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
 ``rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)``
     Transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (q/k ``[B, H, L, D]``, cos/sin ``[B|1, L, D]``, one
     dtype), bit for bit, in one pass. No autograd formula (inference only). CUDA tensors use the reference.
+``decode_step(token_ids, positions, slots, logit_rows, embed, embed_scale, norms, packed, weight_scales, rope_cos,
+rope_sin, head, head_scale, k_cache!, v_cache!, num_heads, num_kv_heads, eps, attn_scale) -> Tensor``
+    One whole forward step of a packed BitNet model for R rows (row r: token ``token_ids[r]`` of the sequence in
+    cache slot ``slots[r]`` at position ``positions[r]``; it attends to that slot's positions ``[0, positions[r]]``),
+    writing each row's keys/values into ``k_cache``/``v_cache`` ``[layers, slots, kv_heads, positions, head_dim]``
+    (model dtype) in place; returns fp32 logits ``[len(logit_rows), vocab]`` of the rows ``logit_rows``. The layout
+    of the other arguments: :mod:`bitnet_torch.models.engine` (which builds them) and ``csrc/cpu/decode_engine.h``.
+    Every row is computed independently of the others (batch invariant, bit for bit). CPU (the reference serves
+    other devices and the fallback).
 
 The schemas are declared in C++ (``csrc/ops.cpp``) when the extension is available; otherwise this
 module declares the same schemas from Python and registers the reference implementation, after logging
@@ -72,6 +81,7 @@ __all__ = [
     "decode_attention",
     "rms_norm",
     "rotary_embedding",
+    "decode_step",
     "eager_cpu_inference",
     "extension_loaded",
     "extension_error",
@@ -93,11 +103,18 @@ OP_SCHEMAS: dict[str, str] = {
     "decode_attention": "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor",
     "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
     "rotary_embedding": "rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)",
+    # -- decode engine (issue 12) --
+    "decode_step": (
+        "decode_step(Tensor token_ids, Tensor positions, Tensor slots, Tensor logit_rows, Tensor embed, "
+        "Tensor? embed_scale, Tensor norms, Tensor[] packed, Tensor weight_scales, Tensor rope_cos, Tensor rope_sin, "
+        "Tensor head, Tensor? head_scale, Tensor(a!) k_cache, Tensor(b!) v_cache, int num_heads, int num_kv_heads, "
+        "float eps, float attn_scale) -> Tensor"
+    ),
 }
 
 #: Ops that no backend implements for CUDA by design: the reference registered for CUDA tensors is their
 #: intended CUDA implementation, so it does not mean "the compiled CUDA kernels are missing".
-_REFERENCE_ON_CUDA = frozenset({"float_linear", "decode_attention", "rms_norm", "rotary_embedding"})
+_REFERENCE_ON_CUDA = frozenset({"float_linear", "decode_attention", "rms_norm", "rotary_embedding", "decode_step"})
 
 _extension_error: str | None = None
 _fallback_library: torch.library.Library | None = None
@@ -226,6 +243,14 @@ def _register_fakes() -> None:
         torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rotary_embedding: q and k must be 4-D")
         return q.new_empty(q.shape), k.new_empty(k.shape)
 
+    # -- decode engine (issue 12) --
+    @torch.library.register_fake("bitnet::decode_step")
+    def _(token_ids, positions, slots, logit_rows, embed, embed_scale, norms, packed, weight_scales, rope_cos,
+          rope_sin, head, head_scale, k_cache, v_cache, num_heads, num_kv_heads, eps, attn_scale):
+        torch._check(k_cache.dim() == 5, lambda: "decode_step: k_cache must be 5-D")
+        torch._check(len(packed) == 7 * k_cache.shape[0], lambda: "decode_step: 7 packed weights per layer")
+        return embed.new_empty((logit_rows.shape[0], embed.shape[0]), dtype=torch.float32)
+
 
 def _initialise() -> None:
     global _extension_error
@@ -347,3 +372,33 @@ def rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transformers' ``apply_rotary_pos_emb`` (bit for bit) in one pass. Inference only."""
     return torch.ops.bitnet.rotary_embedding(q, k, cos, sin)
+
+
+# -- decode engine (issue 12) --
+def decode_step(
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    logit_rows: torch.Tensor,
+    embed: torch.Tensor,
+    embed_scale: torch.Tensor | None,
+    norms: torch.Tensor,
+    packed: list[torch.Tensor],
+    weight_scales: torch.Tensor,
+    rope_cos: torch.Tensor,
+    rope_sin: torch.Tensor,
+    head: torch.Tensor,
+    head_scale: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    attn_scale: float,
+) -> torch.Tensor:
+    """One forward step of a packed BitNet model for a batch of rows, writing the KV cache in place (inference only;
+    :class:`bitnet_torch.models.engine.DecodeEngine` is the interface meant for users)."""
+    return torch.ops.bitnet.decode_step(
+        token_ids, positions, slots, logit_rows, embed, embed_scale, norms, list(packed), weight_scales, rope_cos,
+        rope_sin, head, head_scale, k_cache, v_cache, int(num_heads), int(num_kv_heads), float(eps), float(attn_scale),
+    )

@@ -23,6 +23,8 @@ TORCH_LIBRARY(bitnet, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+  // decode_step (csrc/cpu/decode_engine*.cpp): one whole forward step of a packed model for a batch of rows.
+  m.def("decode_step(Tensor token_ids, Tensor positions, Tensor slots, Tensor logit_rows, Tensor embed, Tensor? embed_scale, Tensor norms, Tensor[] packed, Tensor weight_scales, Tensor rope_cos, Tensor rope_sin, Tensor head, Tensor? head_scale, Tensor(a!) k_cache, Tensor(b!) v_cache, int num_heads, int num_kv_heads, float eps, float attn_scale) -> Tensor");
   m.def("_cpu_isa(str request) -> str");
   m.def("_cpu_isa_available() -> str[]");
   m.def("_float_gemv_isa(str request) -> str");

@@ -403,7 +403,21 @@ def _opcheck_cases():
         "rotary_embedding": (  # more cases in test_rotary.py
             torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8),
         ),
+        "decode_step": _decode_step_case(),  # more cases in test_decode_engine.py
     }
+
+
+def _decode_step_case():
+    """A one-layer model (hidden 16 = 2 heads x 8, 1 KV head, intermediate 8, vocab 11), 2 slots x 4 positions."""
+    hidden, inter, kv, head_dim = 16, 8, 1, 8
+    packed = [_random_packed(n, k) for n, k in ((16, 16), (8, 16), (8, 16), (16, 16), (inter, 16), (inter, 16), (16, inter))]
+    long = lambda *v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    return (
+        long(3, 4, 5), long(0, 1, 0), long(0, 0, 1), long(1, 2), torch.randn(11, hidden), None,
+        torch.rand(3 * hidden + inter + hidden) + 0.5, packed, torch.rand(7) + 0.1, torch.rand(4, head_dim),
+        torch.rand(4, head_dim), torch.randn(11, hidden), None, torch.zeros(1, 2, kv, 4, head_dim),
+        torch.zeros(1, 2, kv, 4, head_dim), 2, kv, 1e-6, head_dim**-0.5,
+    )
 
 
 @pytest.mark.parametrize("name", list(ops.OP_SCHEMAS))

@@ -40,7 +40,8 @@ def _load_for_generation(args: argparse.Namespace):
 
     head = "int8" if type(model.lm_head).__name__.startswith("Int8") else "float"
     print(f"[{model_path.name}: {'packed' if model.is_packed else 'master'} projections, {head} lm_head, "
-          f"kernels: {backend_info()['backend']}]", file=sys.stderr)
+          f"kernels: {backend_info()['backend']}, decode: "
+          f"{'compiled (--compile)' if args.compile else backend_info(model)['decode_path']}]", file=sys.stderr)
     return model.eval(), tokenizer
 
 

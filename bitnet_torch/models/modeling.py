@@ -20,6 +20,7 @@ architecture only.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 
@@ -479,14 +480,44 @@ class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM, Gene
             self._apply_int8_options()
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        """Transformers' ``generate()``, refusing up front a static KV cache too short for the request.
+        """Transformers' ``generate()`` on the decode engine when it applies, refusing up front a static KV cache too
+        short for the request.
+
+        Decode engine (:mod:`bitnet_torch.models.engine`): used by default when :func:`~.engine.engine_supported`
+        says the model can (CPU, packed projections, no hooks/adapters) and the request allows it (greedy or
+        sampling, no beam search, no attention / hidden-state outputs, no cache of your own, a 2-D 0/1 attention
+        mask); everything else takes the eager path. ``use_decode_engine=False`` (or ``BITNET_TORCH_ENGINE=0``)
+        forces the eager path; ``use_decode_engine=True`` raises when the engine cannot be used.
 
         A ``StaticCache`` passed as ``cache=`` (e.g. by :func:`~bitnet_torch.models.compiled_decode_kwargs`)
         holds a fixed number of positions; writing past them fails deep inside a kernel with an index error,
         so the prompt length plus ``max_new_tokens`` (or ``max_length``) is checked against it first.
         """
         check_static_cache_capacity(self, inputs, kwargs)
+        use_engine = kwargs.pop("use_decode_engine", None)
+        if use_engine is not False:
+            from .engine import engine_generate_kwargs  # the decode engine (issue 12): default when it applies
+
+            extra = engine_generate_kwargs(self, inputs, args, kwargs)
+            if extra is None and use_engine:
+                raise ValueError("use_decode_engine=True but this model or request cannot use the decode engine")
+            if extra is not None:
+                kwargs.update(extra)
         return super().generate(inputs, *args, **kwargs)
+
+    def decode_path(self) -> tuple[str, str]:
+        """``("engine" | "eager", reason)``: the decode path :meth:`generate` takes by default for this model."""
+        from .engine import decode_path
+
+        return decode_path(self)
+
+    @functools.wraps(hf_bitnet.BitNetForCausalLM.forward)  # keeps the signature generate() inspects
+    def forward(self, *args, **kwargs):
+        """Transformers' forward; a step of ``generate()`` on the decode engine when its cache is an ``EngineCache``."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and type(cache).__name__ == "EngineCache" and not args:
+            return cache.forward(kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None), **kwargs)
+        return super().forward(*args, **kwargs)
 
     def quantize_output_layers(self, lm_head: bool = True, embedding: bool = False) -> "BitNetForCausalLM":
         """Switch the output head (and optionally the input embedding) to int8 per row; returns ``self``.
