@@ -38,6 +38,7 @@ __all__ = [
     "check_decode_attention",
     "check_rms_norm",
     "check_rotary_embedding",
+    "check_decode_step",
 ]
 
 #: Exclusive bound on K of every integer linear (``ternary_*``, ``int8_linear``): the exact int32 accumulators
@@ -295,3 +296,108 @@ def check_rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
             f"{op}: cos and sin must be [batch or 1, length, head_dim] = [{q.shape[0]}, {q.shape[2]}, {q.shape[3]}], "
             f"got {_shape(cos)} and {_shape(sin)}"
         )
+
+
+def _check_step_tensor(t: torch.Tensor, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
+    """One tensor argument of ``decode_step``: its dtype (``TypeError``), then its shape (``ValueError``)."""
+    op = "bitnet::decode_step"
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+    if list(t.shape) != list(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {_shape(t)}")
+
+
+def _check_step_range(t: torch.Tensor, name: str, bound: int, what: str) -> None:
+    """Every value of an int64 vector in ``[0, bound)``; the first one that is not is named."""
+    bad = ((t < 0) | (t >= bound)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(f"bitnet::decode_step: {name}[{i}] = {int(t[i])} is out of range ({what} {bound})")
+
+
+def check_decode_step(
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    logit_rows: torch.Tensor,
+    embed: torch.Tensor,
+    embed_scale: torch.Tensor | None,
+    norms: torch.Tensor,
+    packed: Sequence[torch.Tensor],
+    weight_scales: torch.Tensor,
+    rope_cos: torch.Tensor,
+    rope_sin: torch.Tensor,
+    head: torch.Tensor,
+    head_scale: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    attn_scale: float,
+) -> None:
+    """The model (cache ``[layers, slots, kv_heads, positions, head_dim]`` in the model dtype, 7 packed weights a
+    layer of the shapes the cache and the embedding imply, fp32 norms / scales / rotary tables, a float or int8
+    embedding and head) and the step (1-D int64 ``token_ids`` / ``positions`` / ``slots`` in range, one row per
+    cache entry, ``logit_rows`` indexing the rows). Mirrors ``csrc/cpu/decode_engine_aten.cpp``."""
+    op = "bitnet::decode_step"
+    if k_cache.dim() != 5:
+        raise ValueError(f"{op}: k_cache must be 5-D [layers, slots, kv_heads, positions, head_dim], got {_shape(k_cache)}")
+    if k_cache.dtype not in _FUSED_FLOATS:
+        raise TypeError(f"{op}: k_cache must be float32, bfloat16 or float16 (the model dtype), got {k_cache.dtype}")
+    layers, n_slots, kv_heads, n_positions, head_dim = k_cache.shape
+    if not (num_kv_heads == kv_heads and num_heads > 0 and num_kv_heads > 0 and num_heads % num_kv_heads == 0):
+        raise ValueError(f"{op}: num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads}) "
+                         f"and num_kv_heads must match k_cache ({kv_heads})")
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"{op}: head_dim must be even, got {head_dim}")
+    if embed.dim() != 2:
+        raise ValueError(f"{op}: embed must be 2-D [vocab, hidden], got {_shape(embed)}")
+    vocab, hidden = embed.shape
+    if hidden != num_heads * head_dim:
+        raise ValueError(f"{op}: hidden ({hidden}) must equal num_heads * head_dim ({num_heads * head_dim})")
+    if len(packed) != 7 * layers:
+        raise ValueError(f"{op}: packed must hold 7 weights per layer ({7 * layers}), got {len(packed)}")
+    if layers and packed[4].dim() != 2:
+        raise ValueError(f"{op}: packed[4] (gate_proj) must be 2-D")
+    intermediate = packed[4].shape[0] * 4 if layers else 4
+    if hidden % 4:
+        raise ValueError(f"{op}: hidden must be a multiple of 4, got {hidden}")
+    if hidden >= MAX_K or intermediate >= MAX_K:
+        raise ValueError(f"{op}: hidden / intermediate too large")
+    _check_step_tensor(v_cache, "v_cache", k_cache.dtype, k_cache.shape)
+    q_rows, kv_rows = num_heads * head_dim // 4, num_kv_heads * head_dim // 4
+    shapes = [(q_rows, hidden), (kv_rows, hidden), (kv_rows, hidden), (hidden // 4, num_heads * head_dim),
+              (intermediate // 4, hidden), (intermediate // 4, hidden), (hidden // 4, intermediate)]
+    for i, weight in enumerate(packed):
+        _check_step_tensor(weight, f"packed[{i}]", torch.uint8, shapes[i % 7])
+    _check_step_tensor(weight_scales, "weight_scales", torch.float32, [7 * layers])
+    _check_step_tensor(norms, "norms", torch.float32, [layers * (3 * hidden + intermediate) + hidden])
+    _check_step_tensor(rope_cos, "rope_cos", torch.float32, [n_positions, head_dim])
+    _check_step_tensor(rope_sin, "rope_sin", torch.float32, [n_positions, head_dim])
+    if embed_scale is not None:
+        _check_step_tensor(embed, "embed", torch.int8, [vocab, hidden])
+        _check_step_tensor(embed_scale, "embed_scale", torch.float32, [vocab])
+    elif embed.dtype not in _FUSED_FLOATS:
+        raise TypeError(f"{op}: embed must be float32, bfloat16 or float16 (or int8 with embed_scale), got {embed.dtype}")
+    if head_scale is not None:
+        _check_step_tensor(head, "head", torch.int8, [vocab, hidden])
+        _check_step_tensor(head_scale, "head_scale", torch.float32, [vocab])
+    else:
+        if head.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"{op}: head must be bfloat16 or float32 (or int8 with head_scale), got {head.dtype}")
+        _check_step_tensor(head, "head", head.dtype, [vocab, hidden])
+    if token_ids.dim() != 1 or token_ids.shape[0] < 1:
+        raise ValueError(f"{op}: token_ids must be 1-D with at least one token, got shape {_shape(token_ids)}")
+    rows = token_ids.shape[0]
+    for name, t in (("token_ids", token_ids), ("positions", positions), ("slots", slots)):
+        _check_step_tensor(t, name, torch.int64, [rows])
+    if logit_rows.dim() != 1:
+        raise ValueError(f"{op}: logit_rows must be 1-D, got shape {_shape(logit_rows)}")
+    _check_step_tensor(logit_rows, "logit_rows", torch.int64, [logit_rows.shape[0]])
+    _check_step_range(token_ids, "token_ids", vocab, "vocabulary size")
+    _check_step_range(positions, "positions", n_positions, "cache positions")
+    _check_step_range(slots, "slots", n_slots, "cache slots")
+    _check_step_range(logit_rows, "logit_rows", rows, "rows")
+    if torch.unique(slots * n_positions + positions).numel() != rows:
+        raise ValueError(f"{op}: two rows write the same (slot, position) of the cache")

@@ -33,6 +33,25 @@ def _packed(n: int, k: int) -> torch.Tensor:
     return bitnet_torch.pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n * 7 + k)))
 
 
+def _decode_step_args(**changes) -> tuple:
+    """Valid ``decode_step`` arguments of a one-layer model (hidden 8, 2 heads over 1 KV head of 4, FFN 8, vocab 10,
+    2 cache slots of 4 positions) for two rows, with ``changes`` applied by argument name."""
+    hidden, heads, kv_heads, head_dim, ffn, vocab, slots, positions = 8, 2, 1, 4, 8, 10, 2, 4
+    shapes = [(heads * head_dim // 4, hidden), (kv_heads * head_dim // 4, hidden), (kv_heads * head_dim // 4, hidden),
+              (hidden // 4, heads * head_dim), (ffn // 4, hidden), (ffn // 4, hidden), (hidden // 4, ffn)]
+    args = dict(
+        token_ids=torch.tensor([1, 2]), positions=torch.tensor([0, 0]), slots=torch.tensor([0, 1]),
+        logit_rows=torch.tensor([0, 1]), embed=torch.randn(vocab, hidden), embed_scale=None,
+        norms=torch.ones(3 * hidden + ffn + hidden), packed=[torch.full(s, 0x55, dtype=torch.uint8) for s in shapes],
+        weight_scales=torch.ones(7), rope_cos=torch.ones(positions, head_dim), rope_sin=torch.zeros(positions, head_dim),
+        head=torch.randn(vocab, hidden), head_scale=None,
+        k_cache=torch.zeros(1, slots, kv_heads, positions, head_dim), v_cache=torch.zeros(1, slots, kv_heads, positions, head_dim),
+        num_heads=heads, num_kv_heads=kv_heads, eps=1e-5, attn_scale=0.5,
+    )
+    args.update(changes)
+    return tuple(args.values())
+
+
 def bad_cases() -> list[tuple[str, str, tuple, type, str]]:
     """``(case id, op, args, error type, message fragment)`` for inputs every backend must refuse."""
     f = torch.randn
@@ -42,6 +61,21 @@ def bad_cases() -> list[tuple[str, str, tuple, type, str]]:
     x = f(3, 16)
     big = 140000
     return [
+        # decode_step
+        ("step-cache-4d", "decode_step", _decode_step_args(k_cache=torch.zeros(2, 1, 4, 4)), ValueError, "k_cache must be 5-D"),
+        ("step-cache-int", "decode_step", _decode_step_args(k_cache=torch.zeros(1, 2, 1, 4, 4, dtype=torch.int32)), TypeError, "k_cache must be float32"),
+        ("step-kv-heads", "decode_step", _decode_step_args(num_kv_heads=2), ValueError, "must be a positive multiple of num_kv_heads"),
+        ("step-packed-count", "decode_step", _decode_step_args(packed=[torch.zeros(2, 8, dtype=torch.uint8)] * 6), ValueError, "7 weights per layer"),
+        ("step-packed-shape", "decode_step", _decode_step_args(packed=[torch.zeros(2, 8, dtype=torch.uint8)] * 7), ValueError, "packed[1] must have shape"),
+        ("step-v-cache", "decode_step", _decode_step_args(v_cache=torch.zeros(1, 2, 1, 3, 4)), ValueError, "v_cache must have shape"),
+        ("step-int32-ids", "decode_step", _decode_step_args(token_ids=torch.tensor([1, 2], dtype=torch.int32)), TypeError, "token_ids must be"),
+        ("step-no-tokens", "decode_step", _decode_step_args(token_ids=torch.zeros(0, dtype=torch.int64)), ValueError, "at least one token"),
+        ("step-token-range", "decode_step", _decode_step_args(token_ids=torch.tensor([1, 10])), ValueError, "token_ids[1] = 10 is out of range"),
+        ("step-position-range", "decode_step", _decode_step_args(positions=torch.tensor([0, 4])), ValueError, "positions[1] = 4 is out of range"),
+        ("step-same-entry", "decode_step", _decode_step_args(slots=torch.tensor([1, 1])), ValueError, "the same (slot, position)"),
+        ("step-logit-rows", "decode_step", _decode_step_args(logit_rows=torch.tensor([2])), ValueError, "logit_rows[0] = 2 is out of range"),
+        ("step-norms", "decode_step", _decode_step_args(norms=torch.ones(5)), ValueError, "norms must have shape"),
+        ("step-int-head", "decode_step", _decode_step_args(head=torch.ones(10, 8, dtype=torch.int8)), TypeError, "head must be bfloat16 or float32"),
         # rms_norm
         ("rms-int32-x", "rms_norm", (torch.ones(2, 4, dtype=torch.int32), torch.ones(4), 1e-6), TypeError, "float32, bfloat16 or float16"),
         ("rms-f64-x", "rms_norm", (f(2, 4, dtype=torch.float64), torch.ones(4), 1e-6), TypeError, "float32, bfloat16 or float16"),
