@@ -183,16 +183,22 @@ def saved_activation_bytes(step, params) -> int:
     return sum(seen.values())
 
 
-def time_steps(steps: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per step of each variant, interleaved so that machine noise hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in steps}
+def time_steps(steps: dict, warmup: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per step of each variant, interleaved so that machine noise hits all alike.
+
+    The CPU time (all threads of this process) is the less load-sensitive figure on a shared machine: time spent
+    waiting for a core does not count (OpenMP's spin-waiting does).
+    """
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for i in range(warmup + repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 # ------------------------------------------------------------------------------------------ what ran where
@@ -284,14 +290,18 @@ def peak_rss_mib(args, workload: str, variant: str) -> float:
     return data["growth_kib"] / 1024
 
 
-def _summarise(times: dict, saved: dict, rss: dict) -> dict:
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    mins = {k: min(v) for k, v in times.items()}
+def _summarise(times: tuple[dict, dict], saved: dict, rss: dict) -> dict:
+    wall, cpu = times
+    medians = {k: statistics.median(v) for k, v in wall.items()}
+    mins = {k: min(v) for k, v in wall.items()}
+    cpu_medians = {k: statistics.median(v) for k, v in cpu.items()}
     return {
         "step_s": medians,
         "step_min_s": mins,
+        "step_cpu_s": cpu_medians,
         "ratio_vs_nn_linear": {k: medians[k] / medians["nn.Linear"] for k in medians},
         "ratio_of_min_vs_nn_linear": {k: mins[k] / mins["nn.Linear"] for k in mins},
+        "cpu_ratio_vs_nn_linear": {k: cpu_medians[k] / cpu_medians["nn.Linear"] for k in cpu_medians},
         "saved_activation_bytes": saved,
         "saved_ratio": saved["bitlinear"] / saved["nn.Linear"],
         "peak_rss_growth_mib": rss,
@@ -324,8 +334,14 @@ def isa_child(args) -> None:
         # torch._int_mm's oneDNN path needs AVX-512 VNNI hardware: reach the loop an AVX2 CPU runs (see docstring).
         torch.backends.mkldnn.enabled = False
     lsteps = build_layer_steps(args.isa_child, all_paths=full)
-    ltimes = time_steps(lsteps, max(1, args.warmup - 1), args.layer_repeats)
-    lsaved = {k: saved_activation_bytes(s, s.layer.parameters()) for k, s in lsteps.items()}
+    main_pair = {k: lsteps[k] for k in ("bitlinear", "nn.Linear")}
+    ltimes = time_steps(main_pair, max(1, args.warmup - 1), args.layer_repeats)
+    # The forced paths once each, after the pair warmed the layer up (int_mm's plain loop takes ~20 s a step).
+    for name in [k for k in lsteps if k not in main_pair]:
+        wall, cpu = time_steps({name: lsteps[name]}, 0, 1)
+        ltimes[0].update(wall)
+        ltimes[1].update(cpu)
+    lsaved = {k: saved_activation_bytes(s, s.layer.parameters()) for k, s in main_pair.items()}
     lrss = {k: peak_rss_mib(args, "layer", k) for k in ("bitlinear", "nn.Linear")}
     result["layer"] = {"shape": list(LAYER_SHAPE), "tokens": list(LAYER_TOKENS), **_summarise(ltimes, lsaved, lrss)}
     result["loadavg_end"] = loadavg()
@@ -348,13 +364,44 @@ def _print_report(results: list[dict]) -> None:
             for name, t in w["step_s"].items():
                 saved = w["saved_activation_bytes"].get(name)
                 rss = w["peak_rss_growth_mib"].get(name)
-                print(f"    {name:>22}: step {t * 1e3:9.1f} ms (min {w['step_min_s'][name] * 1e3:9.1f}) "
-                      f"{w['ratio_vs_nn_linear'][name]:5.2f}x nn.Linear, saved {saved / 2**20:8.2f} MiB"
+                print(f"    {name:>22}: step {t * 1e3:9.1f} ms (min {w['step_min_s'][name] * 1e3:9.1f}, CPU "
+                      f"{w['step_cpu_s'][name] * 1e3:9.1f}) {w['ratio_vs_nn_linear'][name]:5.2f}x nn.Linear "
+                      f"(CPU {w['cpu_ratio_vs_nn_linear'][name]:5.2f}x)"
+                      + (f", saved {saved / 2**20:8.2f} MiB" if saved is not None else "")
                       + (f", peak RSS growth {rss:8.1f} MiB" if rss is not None else ""))
             print(f"    ratio BitLinear / nn.Linear: step {w['ratio_vs_nn_linear']['bitlinear']:.2f}x of medians, "
-                  f"{w['ratio_of_min_vs_nn_linear']['bitlinear']:.2f}x of minima (target <= 1.2x), "
+                  f"{w['ratio_of_min_vs_nn_linear']['bitlinear']:.2f}x of minima, "
+                  f"{w['cpu_ratio_vs_nn_linear']['bitlinear']:.2f}x of CPU times (target <= 1.2x), "
                   f"saved activations {w['saved_ratio']:.2f}x (target < 1), peak RSS growth "
                   f"{w['peak_rss_ratio']:.2f}x")
+
+
+def flat_rows(results: list[dict]) -> list[dict]:
+    """One flat row per (ISA, workload, variant), the shape ``report.py`` tabulates and plots."""
+    rows = []
+    for r in results:
+        for workload in ("model", "layer"):
+            w = r[workload]
+            base_saved = w["saved_activation_bytes"]["nn.Linear"]
+            for name in w["step_s"]:
+                rss = w["peak_rss_growth_mib"].get(name)
+                saved = w["saved_activation_bytes"].get(name)
+                rows.append({
+                    "isa": r["isa"], "workload": workload, "variant": name,
+                    "bitlinear_path": r["ran"][f"bitlinear_path_{workload}"] if name == "bitlinear" else
+                    (name[len("bitlinear["):-1] if name.startswith("bitlinear[") else "-"),
+                    "step_ms": w["step_s"][name] * 1e3, "step_min_ms": w["step_min_s"][name] * 1e3,
+                    "step_ratio_vs_nn_linear": w["ratio_vs_nn_linear"][name],
+                    "step_min_ratio_vs_nn_linear": w["ratio_of_min_vs_nn_linear"][name],
+                    "step_cpu_ms": w["step_cpu_s"][name] * 1e3,
+                    "step_cpu_ratio_vs_nn_linear": w["cpu_ratio_vs_nn_linear"][name],
+                    "saved_mib": saved / 2**20 if saved is not None else None,
+                    "saved_ratio_vs_nn_linear": saved / base_saved if saved is not None else None,
+                    "peak_rss_growth_mib": rss,
+                    "aten": r["ran"]["aten_capability"], "onednn": r["ran"]["onednn_isa"],
+                    "loadavg": f"{r['loadavg_start']} -> {r['loadavg_end']}",
+                })
+    return rows
 
 
 def main() -> None:
@@ -401,13 +448,18 @@ def main() -> None:
         if args.json != "-":
             print(f"[{isa}] measuring (loadavg {loadavg()}) ...", flush=True)
         results.append(_run_json(_child_command(args, extra), env))
+    document = {"benchmark": "bench_training", "description": __doc__.split("\n\n")[0], "threads": args.threads,
+                "config": {"preset": args.preset, "vocab": args.vocab, "batch": [args.batch_size, args.seq],
+                           "layer": list(LAYER_SHAPE), "layer_tokens": list(LAYER_TOKENS), "quick": args.quick,
+                           "repeats": args.repeats, "layer_repeats": args.layer_repeats, "isa": args.isa},
+                "results": flat_rows(results), "per_isa": results}
     if args.json == "-":
-        print(json.dumps(results, indent=1))
+        print(json.dumps(document, indent=1))
         return
     _print_report(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(document, f, indent=1)
         print(f"\nwrote {args.json}")
 
 

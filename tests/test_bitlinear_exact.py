@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import bitnet_torch
-from bitnet_torch import BitLinear, _backend, ops
+from bitnet_torch import BitLinear, _backend
 from bitnet_torch.nn import bitlinear as bl
 from bitnet_torch.quant import quantize_activation, quantize_weight
 
