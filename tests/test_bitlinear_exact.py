@@ -19,9 +19,13 @@ from bitnet_torch.quant import quantize_activation, quantize_weight
 PATHS = [None, *bl.MATMUL_PATHS]  # None: the automatic per-ISA choice
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
+@pytest.fixture(params=["default", "scalar", "avx2", "avx512"])
 def isa(request):
-    """Force one instruction set of the compiled kernels, restore the automatic choice afterwards."""
+    """Force one instruction set of the compiled kernels, restore the automatic choice afterwards ("default": the
+    start-up choice, or the pure-PyTorch fallback without the extension)."""
+    if request.param == "default":
+        yield _backend.cpu_isa()
+        return
     if request.param not in _backend.available_cpu_isas():
         pytest.skip(f"this CPU (or build) does not support {request.param}")
     assert _backend.set_cpu_isa(request.param) == request.param
@@ -233,6 +237,9 @@ def test_in_features_beyond_the_int32_accumulator_is_refused():
 
 
 def test_path_choice_per_isa(isa):
+    if isa is None:  # the pure-PyTorch fallback: no kernels, the fp32 GEMM of the codes
+        assert bl.matmul_path(torch.randn(4, 64), torch.empty(32, 64), 8, torch.float32) == "fp32_gemm"
+        return
     x = torch.randn(4, 64)
     expected = "fp32_gemm" if isa == "scalar" else "ternary_linear"
     assert bl.matmul_path(x, torch.empty(32, 64), 8, torch.float32) == expected

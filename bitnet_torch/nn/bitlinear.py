@@ -4,11 +4,13 @@ An ``nn.Linear`` subclass (so peft, FSDP and ``isinstance(m, nn.Linear)`` checks
 forward quantizes the weight (absmean ternary, one scale) and the input (absmax int8 per token), multiplies
 exactly in integers and rescales (SPEC §1). Backward is the straight-through estimator (SPEC §2).
 
-With ``lambda_ == 1`` and 8-bit activations the layer runs :class:`BitLinearFunction`, which saves only the
-int8 activation codes and their fp32 per-token scales for backward (a quarter of an fp32 input), and
-recomputes the ternary weight from the master weight in backward. During the lambda warm-up
-(``lambda_ < 1``) or with ``act_bits=None`` (weight-only quantization) the forward is the detach
-formulation in float, which saves the float input like ``nn.Linear``.
+With ``lambda_ == 1`` the layer runs :class:`BitLinearFunction`, which saves only the int8 activation codes and
+their fp32 per-token scales for backward (a quarter of an fp32 input), and recomputes the ternary weight from the
+master weight in backward. Its exact integer product runs where it is fastest (:func:`matmul_path`): the compiled
+ternary x int8 kernels on AVX2 / AVX-512 / AMX, an fp32 GEMM of the integer-valued codes (exact, see
+:data:`FP32_EXACT_K`) without them, ``torch._int_mm`` (or fp64) on other devices; all give the same bits.
+During the lambda warm-up (``lambda_ < 1``) or with ``act_bits=None`` (weight-only quantization) the forward is
+the detach formulation in float, which saves the float input like ``nn.Linear``.
 """
 
 from __future__ import annotations
