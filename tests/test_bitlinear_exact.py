@@ -62,7 +62,8 @@ def reference_grads(x, w, grad_out, act_bits=8):
     return dx, dw, g.sum(0).to(w.dtype)
 
 
-_SAME_SIZE_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_SAME_SIZE_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+                  torch.float16: torch.int16}
 
 
 def assert_equal(actual, expected, what):
@@ -133,8 +134,8 @@ def test_dequantized_weight_is_the_spec_bit_for_bit():
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_layers_are_bit_identical(path, dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtype_layers_are_bit_identical(path, dtype):
     layer = BitLinear(96, 40, bias=True, dtype=dtype)
     check_layer(layer, torch.randn(2, 9, 96, dtype=dtype), path)
 

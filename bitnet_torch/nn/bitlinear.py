@@ -79,10 +79,12 @@ def _cpu_kernel_isa() -> str | None:
 def matmul_path(x2d: torch.Tensor, weight: torch.Tensor, act_bits: int, out_dtype: torch.dtype) -> str:
     """The path (one of :data:`MATMUL_PATHS`) the forward takes for a 2-D input ``x2d`` and ``weight [N, K]``.
 
-    Chosen by measurement (benchmarks/bench_training.py): on CPU the compiled ternary kernels beat an fp32 GEMM
-    of the codes on AVX2 and AVX-512 alike (2x-6x at the training shapes) while ``torch._int_mm`` is a naive loop
-    on CPUs without AVX-512 VNNI (17x-300x slower), so it is never used on CPU; the scalar kernels lose to
-    the BLAS, so without SIMD kernels (or for shapes they refuse) the fp32 GEMM of the codes runs.
+    Chosen by measurement (benchmarks/bench_training.py and its README section): on CPU the compiled ternary
+    kernels beat an fp32 GEMM of the codes on AVX2 (about 2x on the forward) and AVX-512 VNNI (about 6x), while
+    ``torch._int_mm`` is a plain loop on CPUs without AVX-512 VNNI (60x slower than its oneDNN path at 128 x 2560 x
+    6912), so it is never used on CPU; the scalar kernels lose to the BLAS (2x-5x), so without SIMD kernels (or for
+    shapes they refuse) the fp32 GEMM of the codes runs. Under ``torch.compile`` the kernels are used whenever the
+    extension is loaded (the ISA query is not traceable).
     """
     n, k = weight.shape
     if x2d.device.type != "cpu":
