@@ -121,6 +121,18 @@ def test_zero_tokens_and_tiny_weights_keep_the_sign_of_zero(path):
     check_layer(layer, x, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("k", [1, 7])
+def test_negative_codes_against_zero_weight_codes_give_plus_zero(path, k):
+    """Rows whose every product is (negative code) x (zero code): -0.0 in float, 0 in the spec's integers."""
+    layer = BitLinear(k, 8, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.weight[:4] = 1e-3  # codes 0 for the first four outputs (mean |W| ~ 0.5)
+    x = -torch.rand(3, k) - 0.5  # every code negative
+    check_layer(layer, x, path)
+
+
 def test_dequantized_weight_is_the_spec_bit_for_bit():
     w = torch.randn(64, 48) * 0.02
     w[:3] = -1e-6

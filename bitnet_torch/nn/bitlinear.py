@@ -141,14 +141,16 @@ def _dequantized_weight(weight: torch.Tensor, dtype: torch.dtype, scale: torch.T
 def _fp32_codes_matmul(x_q: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
     """Exact ``x_q @ W_t^T`` through fp32 GEMMs of the integer-valued codes (``w_codes`` fp32 ``[N, K]``).
 
-    One GEMM when ``K <= FP32_EXACT_K`` (returns fp32 holding exact integers); otherwise one per K-chunk of
+    One GEMM when ``K <= FP32_EXACT_K`` (returns fp32 holding exact integers, zeros as +0.0); otherwise one per K-chunk of
     that size, each exact, converted to int32 and summed there (returns int32; exact while ``K < 2**24``).
     """
     k = x_q.shape[1]
     with torch.autocast(x_q.device.type, enabled=False):  # autocast would run the GEMM in bf16/fp16: not exact
         xf = x_q.float()
         if k <= FP32_EXACT_K:
-            return xf @ w_codes.t()
+            # + 0.0: a sum of products that are all -0.0 (negative codes times zero codes) is -0.0 in fp32 but 0 in
+            # the spec's integers.
+            return (xf @ w_codes.t()).add_(0.0)
         acc = None
         for k0 in range(0, k, FP32_EXACT_K):
             part = (xf[:, k0 : k0 + FP32_EXACT_K] @ w_codes[:, k0 : k0 + FP32_EXACT_K].t()).to(torch.int32)
