@@ -6,9 +6,11 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from bitnet_torch.cli import CLIError, main
 from test_gguf_helpers import make_tiny_checkpoint, save_tiny_tokenizer
@@ -215,10 +217,14 @@ def test_train_tiny_budget_writes_master_and_packed(tmp_path, capsys):
 def test_finetune_tiny_budget_trains_and_merges_a_lora_adapter(tiny, tmp_path, capsys):
     master = tmp_path / "master"
     assert run(["convert", tiny["llama"], master], capsys)[0] == 0
-    code, out, err = run(["finetune", master, "--output-dir", tmp_path / "ft", "--max-steps", "2", "--batch-size", "2",
-                          "--num-examples", "8", "--max-length", "64", "--logging-steps", "1", "--sample-tokens", "4",
-                          "--disable-tqdm"], capsys)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run(["finetune", master, "--output-dir", tmp_path / "ft", "--max-steps", "2", "--batch-size", "2",
+                              "--num-examples", "8", "--max-length", "64", "--logging-steps", "1", "--sample-tokens", "4",
+                              "--disable-tqdm"], capsys)
     assert code == 0, err
+    pinned = [str(w.message) for w in caught if "pin_memory" in str(w.message)]
+    assert not pinned or torch.cuda.is_available(), f"pin_memory warning on a CPU-only run: {pinned[0]}"
     assert "fine-tuned" in out and "loss" in out
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "ft" / "merged-packed" / "config.json").is_file()
@@ -263,7 +269,9 @@ def _console_script(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("entry", ["python -m", "console script"])
 @pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["export", "gguf", "--help"],
-                                  ["bench", "--help"], ["generate"], ["no-such-command"]], ids=" ".join)
+                                  ["bench", "--help"], ["train", "--help"], ["finetune", "--help"], ["serve", "--help"],
+                                  ["generate"], ["no-such-command"], ["train", "--no-such-option"], ["finetune"]],
+                         ids=" ".join)
 def test_help_and_argument_errors_do_not_import_torch(entry, argv, tmp_path):
     """``--help`` and argument errors answer before torch/Transformers load (issue 15 item 13)."""
     import time

@@ -79,21 +79,11 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: di
                                 help=f"{helps[f.name]} (default: %(default)s)")
 
 
-def _unavailable(reason: str) -> Callable[[argparse.Namespace], int]:
-    def handler(_args: argparse.Namespace) -> int:
-        raise CLIError(reason)
-
-    return handler
-
-
 def _add_training_options(parser: argparse.ArgumentParser, config_name: str, helps: dict[str, str],
                           handler: Callable[[argparse.Namespace], int]) -> None:
-    """Options from ``bitnet_torch.training.<config_name>``; if the training stack cannot import, the command
-    still exists and says why it cannot run."""
-    try:
-        from .. import training  # noqa: PLC0415 - seconds to import: only for train/finetune
-    except ImportError as exc:
-        parser.set_defaults(handler=_unavailable(f"the training stack is unavailable in this install: {exc}"))
-        return
-    _add_dataclass_options(parser, getattr(training, config_name), helps)
+    """Options from the fields of ``bitnet_torch.training.config.<config_name>``: a module without torch, so
+    ``train --help`` and argument errors stay light (the handler imports the training stack when it runs)."""
+    from ..training import config  # noqa: PLC0415
+
+    _add_dataclass_options(parser, getattr(config, config_name), helps)
     parser.set_defaults(handler=handler)

@@ -25,9 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import datasets
 import torch
@@ -35,44 +34,12 @@ from transformers import AutoTokenizer, set_seed
 
 from ..data import build_kjv_chat_dataset
 from ..data.corpus import is_saved_dataset
+from .config import FinetuneConfig
 from .lora import apply_lora, bitnet_lora_config, load_adapter, merge_lora_into_master
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune_lora", "load_chat_dataset"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of :func:`finetune_lora`.
-
-    ``model`` is a saved BitNet checkpoint directory with its tokenizer (e.g. ``bitnet-kjv/master`` written by
-    ``bitnet-torch train``). ``dataset`` is ``None`` (synthetic KJV chat set of ``num_examples``), a JSON/JSONL
-    file or a ``datasets`` name/saved directory with a ``messages`` column. ``merge``: ``None`` (default) merges on
-    a master base and keeps the adapter separate on a packed one; ``True`` asks for a merge (refused on a packed
-    base); ``False`` never merges.
-    """
-
-    model: str
-    output_dir: str = "bitnet-kjv-lora"
-    base: Literal["master", "packed"] = "master"
-    merge: bool | None = None
-    dataset: str | None = None
-    num_examples: int = 256
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    learning_rate: float = 2e-3
-    max_steps: int = 60
-    batch_size: int = 8
-    max_length: int = 128
-    logging_steps: int = 5
-    seed: int = 0
-    sample_question: str = "How many chapters does Genesis have?"
-    sample_tokens: int = 24
-    disable_tqdm: bool = False
-    bf16: bool | None = None  # None: bf16 on a GPU that supports it, fp32 otherwise
-    extra_sft_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +157,7 @@ def finetune_lora(config: FinetuneConfig) -> FinetuneResult:
         report_to=[],
         seed=config.seed,
         disable_tqdm=config.disable_tqdm,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies (and warns without one)
         # trl defaults to bf16, which CPUs without a GPU refuse in TrainingArguments; decide explicitly.
         bf16=config.bf16 if config.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
         **config.extra_sft_args,

@@ -37,7 +37,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import (
@@ -54,6 +53,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data import load_text_splits, pack_documents, pack_token_stream, tokenize_documents, train_bpe_tokenizer
 from ..data.baseline import unigram_perplexity
 from .callbacks import PerplexityLoggingCallback, TimeBudgetCallback, WeightDecayScheduleCallback
+from .config import TrainConfig
 from .evaluation import evaluate_perplexity
 from .optim import build_adamw
 from .presets import get_preset
@@ -92,68 +92,6 @@ def _model_overrides(config: "TrainConfig") -> dict:
 
 class OutputDirError(FileExistsError):
     """The output directory holds a previous run and neither ``overwrite`` nor ``resume`` was asked for."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything :func:`train_from_scratch` needs; the defaults are the README's CPU main job.
-
-    Data: ``data`` is ``None``/``"kjv"`` (embedded King James Bible), text files/directories, a directory
-    saved by ``datasets``, or a ``datasets`` name (``text_column``). ``tokenizer`` is a saved tokenizer to
-    reuse; otherwise a byte-level BPE of ``vocab_size`` is trained on the training split.
-
-    Budget: ``max_steps`` optimizer steps (``None``: 400 without a time budget, as many as fit with one).
-    With ``minutes`` the step count is calibrated from the measured step time so that the two-stage
-    schedule completes within the budget; when fewer than ``min_steps`` steps would fit, ``batch_size`` is
-    halved (not below ``min_batch_size``) until they do; and when fewer than ``full_depth_tokens`` tokens would
-    fit, the model gets fewer layers (``fit_depth_to_budget``; not below 2), which learns more from a small
-    budget. Training also stops when the budget runs out.
-
-    Progress: ``logging_steps``/``eval_steps``/``save_steps`` of ``None`` are sized from the step count
-    (about 20 loss lines, 4 evaluations and 5 checkpoints per run); ``eval_steps=0`` evaluates only at the
-    end. Evaluations score at most ``eval_tokens`` validation tokens (blocks spread over the whole split;
-    the unigram baseline is computed on the same tokens). ``save_steps=0`` writes no checkpoints.
-    """
-
-    output_dir: str = "bitnet-kjv"
-    data: str | list[str] | None = None
-    text_column: str = "text"
-    tokenizer: str | None = None
-    vocab_size: int = 4096
-    preset: str = "5m"
-    hidden_act: Literal["relu2", "silu"] | None = None  # None: the preset's (relu2); silu: 1bitLLM-style FFN
-    model_overrides: dict = field(default_factory=dict)
-    block_size: int = 128
-    batch_size: int = 16
-    min_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_steps: int | None = None
-    min_steps: int = 150
-    minutes: float | None = None
-    fit_depth_to_budget: bool = True
-    full_depth_tokens: int = 2_000_000
-    learning_rate: float = 4e-3
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.1
-    stage2_weight_decay: float = 0.0
-    boundary_fraction: float = 0.5
-    stage2_peak_ratio: float = 0.3
-    eval_steps: int | None = None
-    eval_tokens: int = 16384
-    logging_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int = 2
-    resume: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    bf16: bool = False
-    num_threads: int | None = None
-    save_master: bool = True
-    save_packed: bool = True
-    sample_prompt: str = "And God said"
-    sample_tokens: int = 48
-    disable_tqdm: bool = False
-    extra_training_args: dict = field(default_factory=dict)
 
 
 @dataclass
