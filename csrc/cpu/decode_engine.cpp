@@ -11,28 +11,14 @@
 #include <vector>
 
 #include "float_gemv.h"
+#include "fp32_loops.h"
 #include "scalar_common.h"
 
 namespace bitnet_cpu {
 namespace {
 
-// The fp32 loops, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC function
-// multi-versioning), like bitnet::rms_norm's sum of squares -- whose code sum_squares repeats exactly, so that
-// the engine's norms equal the op's bit for bit.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define BITNET_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BITNET_ISA_CLONES
-#endif
-
-//! sum_i v[i]^2 in fp32 (lane-parallel partial sums): the code of ops_cpu_norm.cpp's sum_squares.
-BITNET_ISA_CLONES float sum_squares(const float* v, int64_t n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += v[i] * v[i];
-  return sum;
-}
-
+// The engine's fp32 loops carry the multi-versioning of fp32_loops.h; the norms use its sum_squares, the
+// code bitnet::rms_norm runs, so that the engine's norms equal the op's bit for bit.
 BITNET_ISA_CLONES float dot(const float* a, const float* b, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)

@@ -15,28 +15,14 @@
 #include <cmath>
 #include <vector>
 
+#include "fp32_loops.h"
+
 namespace bitnet_cpu {
 namespace {
 
 constexpr const char* kOp = "bitnet::rms_norm";
 //! Elements per thread below which rows are not split over threads.
 constexpr int64_t kElementsPerTask = 1 << 16;
-
-// The fp32 sum of squares, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time from what
-// the CPU reports (GCC function multi-versioning); elsewhere one portable version.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define BITNET_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BITNET_ISA_CLONES
-#endif
-
-//! sum_i v[i]^2 in fp32 (lane-parallel partial sums).
-BITNET_ISA_CLONES float sum_squares(const float* v, int64_t n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += v[i] * v[i];
-  return sum;
-}
 
 void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), kOp, ": x and weight must be CPU tensors, got ",

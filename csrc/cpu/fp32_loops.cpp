@@ -1,0 +1,13 @@
+// The fp32 loops declared in fp32_loops.h (one definition, so every caller adds in the same order).
+#include "fp32_loops.h"
+
+namespace bitnet_cpu {
+
+BITNET_ISA_CLONES float sum_squares(const float* v, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += v[i] * v[i];
+  return sum;
+}
+
+}  // namespace bitnet_cpu
