@@ -21,10 +21,9 @@ import pytest
 import torch
 
 import bitnet_torch
-from bitnet_torch import _backend, _op_checks, _reference_ops, ops
+from bitnet_torch import _op_checks, _reference_ops, ops
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ALL_ISAS = ("scalar", "avx2", "avx512", "amx")
 
 needs_extension = pytest.mark.skipif(not ops.extension_loaded(), reason=f"compiled kernels unavailable: {ops.extension_error()}")
 
@@ -268,16 +267,6 @@ def test_fallback_without_extension_refuses_and_accepts_the_same_inputs():
 
 # --------------------------------------------------------------------------------------------- int8 K bound
 
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request):
-    if not ops.extension_loaded():
-        pytest.skip(f"compiled kernels unavailable: {ops.extension_error()}")
-    if request.param not in _backend.available_cpu_isas():
-        pytest.skip(f"this CPU does not support {request.param}")
-    assert _backend.set_cpu_isa(request.param) == request.param
-    yield request.param
-    _backend.set_cpu_isa("auto")
 
 
 @pytest.mark.parametrize("m", [1, 9])

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ALL_ISAS
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +25,6 @@ from bitnet_torch import _backend, _reference_ops, ops
 from bitnet_torch.nn import PackedBitLinear
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ALL_ISAS = ("scalar", "avx2", "avx512", "amx")
 
 
 def _extension_expected() -> bool:
@@ -36,15 +36,6 @@ if not ops.extension_loaded():
         raise RuntimeError(f"a compiler and ninja are present but the extension did not load: {ops.extension_error()}")
     pytest.skip(f"compiled kernels unavailable: {ops.extension_error()}", allow_module_level=True)
 
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request):
-    """Force one instruction set for the test, restore the automatic choice afterwards."""
-    if request.param not in _backend.available_cpu_isas():
-        pytest.skip(f"this CPU does not support {request.param}")
-    assert _backend.set_cpu_isa(request.param) == request.param
-    yield request.param
-    _backend.set_cpu_isa("auto")
 
 
 def _random_packed(n: int, k: int) -> torch.Tensor:

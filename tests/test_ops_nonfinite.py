@@ -27,23 +27,11 @@ import bitnet_torch
 from bitnet_torch import _backend, _reference_ops, ops, quant
 from bitnet_torch.nn import BitLinear
 
-ALL_ISAS = ("scalar", "avx2", "avx512", "amx")
 NAN, INF = float("nan"), float("inf")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 needs_extension = pytest.mark.skipif(not ops.extension_loaded(), reason=f"compiled kernels unavailable: {ops.extension_error()}")
 
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request):
-    """Force one instruction set for the test, restore the automatic choice afterwards."""
-    if not ops.extension_loaded():
-        pytest.skip(f"compiled kernels unavailable: {ops.extension_error()}")
-    if request.param not in _backend.available_cpu_isas():
-        pytest.skip(f"this CPU does not support {request.param}")
-    assert _backend.set_cpu_isa(request.param) == request.param
-    yield request.param
-    _backend.set_cpu_isa("auto")
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
