@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,14 +47,6 @@ def loadavg() -> str:
         return Path("/proc/loadavg").read_text().strip()
     except OSError:
         return "unknown"
-
-
-def proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def build_model(shape: str, int8: bool):
@@ -180,6 +171,7 @@ def run_bitnet_cpp(gguf: Path, threads: int, prompt: int, tokens: int, repeats: 
 def ours_worker(shape: str, threads: int, prompt: int, tokens: int, batch: int, repeats: int) -> None:
     """Measure our engine in this process and print one JSON line."""
     import torch
+    from bench_generate import proc_status_bytes  # this script's folder: workers run as the script
 
     torch.set_num_threads(threads)
     rss_start = proc_status_bytes("VmRSS")
@@ -277,8 +269,8 @@ def _ratio(a, b) -> str:
 
 def print_table(results: list[dict]) -> None:
     print()
-    print(f"| shape | threads | metric | bitnet.cpp | ours (engine) | ratio | ours eager |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| shape | threads | metric | bitnet.cpp | ours (engine) | ratio | ours eager |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         nat, ours = r.get("bitnet_cpp", {}), r.get("ours", {})
         if "error" in ours:

@@ -169,16 +169,22 @@ def chat_response(request_id: str, model: str, text: str, finish_reason: str, us
     }
 
 
-def chat_chunk(request_id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               usage: Usage | None = None, include_usage_field: bool = False) -> dict:
-    chunk: dict = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+def _with_usage(chunk: dict, usage: Usage | None, include_usage_field: bool) -> dict:
+    """A streamed chunk as OpenAI sends it with ``stream_options.include_usage``: the final chunk carries the
+    usage and no choices, the others ``"usage": null``."""
     if usage is not None:
         chunk["choices"] = []
         chunk["usage"] = usage.model_dump()
     elif include_usage_field:
         chunk["usage"] = None
     return chunk
+
+
+def chat_chunk(request_id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+               usage: Usage | None = None, include_usage_field: bool = False) -> dict:
+    chunk: dict = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    return _with_usage(chunk, usage, include_usage_field)
 
 
 def completion_response(request_id: str, model: str, text: str, finish_reason: str, usage: Usage,
@@ -194,12 +200,7 @@ def completion_chunk(request_id: str, model: str, created: int, text: str, finis
                      usage: Usage | None = None, include_usage_field: bool = False) -> dict:
     chunk: dict = {"id": request_id, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
-    if usage is not None:
-        chunk["choices"] = []
-        chunk["usage"] = usage.model_dump()
-    elif include_usage_field:
-        chunk["usage"] = None
-    return chunk
+    return _with_usage(chunk, usage, include_usage_field)
 
 
 def model_list(model: str, created: int | None = None) -> dict:
