@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import datasets
@@ -23,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -32,6 +28,7 @@ from bitnet_torch.models import BitNetForCausalLM
 from bitnet_torch.nn import BitLinear, PackedBitLinear
 from bitnet_torch.nn.lora_layers import PackedBitLinearLoraLayer, PackedMergeError
 from bitnet_torch.quant import fake_quantize_activation
+from peft_helpers import logits_of_adapter_in_a_fresh_process
 from test_gguf_helpers import make_tiny_checkpoint
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -314,25 +311,7 @@ def test_auto_peft_model_loads_in_a_fresh_process_from_another_directory(checkpo
         expected = peft_model.eval()(input_ids=ids).logits
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(adapter_dir)
-    save_file({"ids": ids}, tmp_path / "ids.safetensors")
-    script = textwrap.dedent(f"""
-        import torch
-        import bitnet_torch
-        from peft import AutoPeftModelForCausalLM
-        from safetensors.torch import load_file, save_file
-        model = AutoPeftModelForCausalLM.from_pretrained({str(adapter_dir)!r}).eval()
-        ids = load_file({str(tmp_path / "ids.safetensors")!r})["ids"]
-        with torch.no_grad():
-            save_file({{"logits": model(input_ids=ids).logits.contiguous()}}, "logits.safetensors")
-    """)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
-    result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(load_file(elsewhere / "logits.safetensors")["logits"], expected)
+    assert torch.equal(logits_of_adapter_in_a_fresh_process(adapter_dir, ids, tmp_path), expected)
 
 
 # -- generation --------------------------------------------------------------------------------------------------

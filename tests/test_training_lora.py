@@ -154,16 +154,12 @@ def test_finetune_packed_base_keeps_the_adapter_separate_by_default_and_records_
     packed_checkpoint, tmp_path, monkeypatch, capsys
 ):
     import json
-    import os
-    import subprocess
-    import sys
-    import textwrap
     from pathlib import Path
 
     from peft import PeftModel
-    from safetensors.torch import load_file, save_file
 
     from bitnet_torch.cli import main
+    from peft_helpers import logits_of_adapter_in_a_fresh_process
 
     monkeypatch.chdir(packed_checkpoint)  # a relative model path, as a user types it
     code = main(["finetune", "packed-ckpt", "--base", "packed", "--output-dir", str(tmp_path / "ft"), *FINETUNE_TINY])
@@ -184,26 +180,7 @@ def test_finetune_packed_base_keeps_the_adapter_separate_by_default_and_records_
 
     # From another directory, in a fresh process, offline: the base is found through the recorded path.
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(5))
-    save_file({"ids": ids}, tmp_path / "ids.safetensors")
     reference = PeftModel.from_pretrained(BitNetForCausalLM.from_pretrained(recorded), adapter_dir).eval()
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
-    script = textwrap.dedent(f"""
-        import torch
-        import bitnet_torch
-        from peft import AutoPeftModelForCausalLM
-        from safetensors.torch import load_file, save_file
-        model = AutoPeftModelForCausalLM.from_pretrained({str(adapter_dir)!r}).eval()
-        ids = load_file({str(tmp_path / "ids.safetensors")!r})["ids"]
-        with torch.no_grad():
-            save_file({{"logits": model(input_ids=ids).logits.contiguous()}}, "logits.safetensors")
-    """)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    repo = Path(__file__).resolve().parents[1]
-    python_path = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
-    result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(load_file(elsewhere / "logits.safetensors")["logits"], expected)
+    assert torch.equal(logits_of_adapter_in_a_fresh_process(adapter_dir, ids, tmp_path), expected)
