@@ -195,7 +195,7 @@ def decode_step(
     attention and the float head run row by row so that no row's numbers depend on the others (batch invariance).
     """
     dtype = k_cache.dtype
-    n_layers, n_slots, n_kv, n_pos, head_dim = k_cache.shape
+    n_layers, head_dim = k_cache.shape[0], k_cache.shape[4]
     vocab, hidden = embed.shape
     rows = token_ids.shape[0]
     intermediate = packed[4].shape[0] * VALUES_PER_BYTE if n_layers else 4
