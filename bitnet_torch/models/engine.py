@@ -69,7 +69,7 @@ def engine_supported(model: nn.Module) -> tuple[bool, str]:
     model dtype fp32/bf16/fp16; a position-only rotary embedding; no forward hooks anywhere (global or on a module),
     no peft adapters. The compiled extension is used when loaded, else the pure-PyTorch reference of the op.
     """
-    from .modeling import BitNetForCausalLM  # modeling imports this module lazily
+    from .modeling import BitNetForCausalLM  # here, not at the top: modeling imports this module
 
     if not isinstance(model, BitNetForCausalLM):
         return False, f"not a bitnet_torch BitNetForCausalLM ({type(model).__name__})"

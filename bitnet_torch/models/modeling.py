@@ -39,6 +39,7 @@ from ..nn.lora_layers import PeftAdapterCompatMixin
 from ..packing import VALUES_PER_BYTE
 from .attention import apply_rotary, attend
 from .configuration import BitNetConfig
+from .engine import EngineCache, decode_path, engine_generate_kwargs
 
 __all__ = [
     "BitNetAttention",
@@ -496,8 +497,6 @@ class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM, Gene
         check_static_cache_capacity(self, inputs, kwargs)
         use_engine = kwargs.pop("use_decode_engine", None)
         if use_engine is not False:
-            from .engine import engine_generate_kwargs  # the decode engine (issue 12): default when it applies
-
             extra = engine_generate_kwargs(self, inputs, args, kwargs)
             if extra is None and use_engine:
                 raise ValueError("use_decode_engine=True but this model or request cannot use the decode engine")
@@ -507,15 +506,13 @@ class BitNetForCausalLM(BitNetPreTrainedModel, hf_bitnet.BitNetForCausalLM, Gene
 
     def decode_path(self) -> tuple[str, str]:
         """``("engine" | "eager", reason)``: the decode path :meth:`generate` takes by default for this model."""
-        from .engine import decode_path
-
         return decode_path(self)
 
     @functools.wraps(hf_bitnet.BitNetForCausalLM.forward)  # keeps the signature generate() inspects
     def forward(self, *args, **kwargs):
         """Transformers' forward; a step of ``generate()`` on the decode engine when its cache is an ``EngineCache``."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and type(cache).__name__ == "EngineCache" and not args:
+        if cache is not None and not args and isinstance(cache, EngineCache):
             return cache.forward(kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None), **kwargs)
         return super().forward(*args, **kwargs)
 
