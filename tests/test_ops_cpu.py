@@ -131,7 +131,28 @@ def test_ternary_matmul_saturated_codes_and_activations(isa):
     x_q = torch.stack([torch.full((k,), -128, dtype=torch.int8), torch.full((k,), 127, dtype=torch.int8)])
     expected = _reference_ops.ternary_matmul(x_q, packed)
     assert_same(ops.ternary_matmul(x_q, packed), expected, isa)
-    assert_same(ops.ternary_matmul(x_q.repeat(9, 1), packed), expected.repeat(9, 1), f"{isa} prefill")
+    assert_same(ops.ternary_matmul(x_q.repeat(5, 1), packed), expected.repeat(5, 1), f"{isa} token groups")
+    assert_same(ops.ternary_matmul(x_q.repeat(17, 1), packed), expected.repeat(17, 1), f"{isa} prefill")
+
+
+# The streaming (decode) path takes up to 16 tokens (kDecodeMaxRows) in groups of up to four that re-read each
+# weight row: every batch size on it, against the tile path's first size (17), with K off the 64-byte blocks
+# and a partial last chunk of packed rows (N / 4 = 21 is not a multiple of 16).
+@pytest.mark.parametrize("m", list(range(1, 18)))
+def test_ternary_matmul_every_decode_batch_size_is_exact(isa, m):
+    x_q = torch.randint(-128, 128, (m, 700), dtype=torch.int8)
+    x_q[m // 2] = -128  # one saturated row
+    packed = _random_packed(84, 700)
+    assert_same(ops.ternary_matmul(x_q, packed), _reference_ops.ternary_matmul(x_q, packed), f"{isa} M={m}")
+
+
+@pytest.mark.parametrize("m", list(range(1, 18)))
+def test_int8_linear_every_decode_batch_size_is_exact(isa, m):
+    """K = 2600: from 10 tokens on the activations outgrow the L1 share and the rows go in blocks of 16."""
+    x = _activations((m, 2600), torch.float32)
+    weight = torch.randint(-128, 128, (37, 2600), dtype=torch.int8)
+    w_scale = torch.rand(37) * 0.01
+    assert_same(ops.int8_linear(x, weight, w_scale), _reference_ops.int8_linear(x, weight, w_scale, None), f"{isa} M={m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

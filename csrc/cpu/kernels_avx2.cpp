@@ -11,8 +11,9 @@
 //   * int8 (lm_head): the unsigned operand is |w| and the signed one x * sign(w) (vpsignb). The activation
 //     codes of int8_linear come from the quantizer and lie in [-127, 127], so x * sign(w) never overflows and
 //     a pair sums to at most 2 * 128 * 127 = 32512 (no saturation).
-//   * decode streams each packed row once per pair of tokens; prefill transposes a tile of 8 packed rows into
-//     dwords [K/4][8] once and reuses it for every token (2 tokens x 4 slots per micro-kernel step).
+//   * decode streams each packed row from memory once for all its tokens (later pairs of tokens re-read it
+//     from L1); prefill transposes a tile of 8 packed rows into dwords [K/4][8] once and reuses it for every
+//     token (2 tokens x 4 slots per micro-kernel step).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -166,41 +167,57 @@ inline void store8(const OutputSpec& o, int64_t m, int64_t col, __m256i acc, int
 
 // ---------------------------------------------------------------------------------------------- ternary
 
+//! Decode of MT <= 2 tokens (rows m0, m0 + 1) against packed row p. ahead (or null): the row this thread
+//! streams next, whose columns [ahead_k0, ahead_k1) are prefetched into L2 at the offset read now (prefetch.h).
 template <int MT>
-void ternary_decode(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0,
-                    const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
+inline void ternary_decode_row(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0,
+                               const uint8_t* packed, int64_t P, int64_t p, const char* ahead, int64_t ahead_k0,
+                               int64_t ahead_k1, const OutputSpec& out) {
   const __m256i low2 = _mm256_set1_epi8(0x03), ones16 = _mm256_set1_epi16(1);
   const int64_t K32 = K / 32 * 32;
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* row = packed + p * K;
-    // The next row of this thread, prefetched into L2 at the offset read now (prefetch.h).
-    const char* ahead = reinterpret_cast<const char*>(rows_ahead(packed, p + 1, 1, p1, K));
-    __m256i acc[MT][4];
-    for (int t = 0; t < MT; ++t)
-      for (int i = 0; i < 4; ++i) acc[t][i] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < K32; k += 32) {
-      if (ahead != nullptr && k % 64 == 0) _mm_prefetch(ahead + k, _MM_HINT_T1);
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-      __m256i c[4];
-      c[0] = _mm256_and_si256(b, low2);
-      c[1] = _mm256_and_si256(_mm256_srli_epi16(b, 2), low2);
-      c[2] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low2);
-      c[3] = _mm256_and_si256(_mm256_srli_epi16(b, 6), low2);
-      for (int t = 0; t < MT; ++t) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_q + (m0 + t) * lda + k));
-        for (int i = 0; i < 4; ++i)
-          acc[t][i] = _mm256_add_epi32(acc[t][i], _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], xv), ones16));
-      }
-    }
+  const uint8_t* row = packed + p * K;
+  __m256i acc[MT][4];
+  for (int t = 0; t < MT; ++t)
+    for (int i = 0; i < 4; ++i) acc[t][i] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K32; k += 32) {
+    if (ahead != nullptr && k % 64 == 0 && k >= ahead_k0 && k < ahead_k1) _mm_prefetch(ahead + k, _MM_HINT_T1);
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+    __m256i c[4];
+    c[0] = _mm256_and_si256(b, low2);
+    c[1] = _mm256_and_si256(_mm256_srli_epi16(b, 2), low2);
+    c[2] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low2);
+    c[3] = _mm256_and_si256(_mm256_srli_epi16(b, 6), low2);
     for (int t = 0; t < MT; ++t) {
-      const int8_t* x = x_q + (m0 + t) * lda;
-      int32_t s[4];
-      for (int i = 0; i < 4; ++i) s[i] = hsum8(acc[t][i]);
-      for (int64_t k = K32; k < K; ++k) {
-        const int32_t b = row[k], v = x[k];
-        for (int i = 0; i < 4; ++i) s[i] += ((b >> (2 * i)) & 3) * v;
-      }
-      for (int i = 0; i < 4; ++i) store_output(out, m0 + t, i * P + p, s[i] - x_sum[m0 + t]);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_q + (m0 + t) * lda + k));
+      for (int i = 0; i < 4; ++i)
+        acc[t][i] = _mm256_add_epi32(acc[t][i], _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], xv), ones16));
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    const int8_t* x = x_q + (m0 + t) * lda;
+    int32_t s[4];
+    for (int i = 0; i < 4; ++i) s[i] = hsum8(acc[t][i]);
+    for (int64_t k = K32; k < K; ++k) {
+      const int32_t b = row[k], v = x[k];
+      for (int i = 0; i < 4; ++i) s[i] += ((b >> (2 * i)) & 3) * v;
+    }
+    for (int i = 0; i < 4; ++i) store_output(out, m0 + t, i * P + p, s[i] - x_sum[m0 + t]);
+  }
+}
+
+//! Decode of the tokens [m0, m1) (at most kDecodeMaxRows) against packed rows [p0, p1): each row is streamed
+//! from memory once, by the first pair of tokens, and re-read from L1 by the other pairs right away (each pair
+//! prefetching its share of the next row's columns, so prefetches are issued all the time), so the weights cross the memory bus once whatever the batch (with the pairs
+//! outside the rows, a batch of 8 streamed every weight four times).
+void ternary_decode(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0, int64_t m1,
+                    const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
+  const int64_t pairs = (m1 - m0 + 1) / 2, lines = (K + 63) / 64;
+  for (int64_t p = p0; p < p1; ++p) {
+    const char* ahead = reinterpret_cast<const char*>(rows_ahead(packed, p + 1, 1, p1, K));
+    for (int64_t j = 0; j < pairs; ++j) {
+      const int64_t m = m0 + 2 * j, k0 = lines * j / pairs * 64, k1 = lines * (j + 1) / pairs * 64;
+      if (m + 2 <= m1) ternary_decode_row<2>(x_q, lda, x_sum, K, m, packed, P, p, ahead, k0, k1, out);
+      else ternary_decode_row<1>(x_q, lda, x_sum, K, m, packed, P, p, ahead, k0, k1, out);
     }
   }
 }
@@ -254,9 +271,7 @@ inline void ternary_micro(const int8_t* x, int64_t lda, const uint32_t* tile, in
 void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0, int64_t m1,
                   const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
   if (m1 - m0 <= kDecodeMaxRows) {
-    int64_t m = m0;
-    for (; m + 2 <= m1; m += 2) ternary_decode<2>(x_q, lda, x_sum, K, m, packed, P, p0, p1, out);
-    if (m < m1) ternary_decode<1>(x_q, lda, x_sum, K, m, packed, P, p0, p1, out);
+    ternary_decode(x_q, lda, x_sum, K, m0, m1, packed, P, p0, p1, out);
     return;
   }
   const int64_t KG = (K + 3) / 4;
@@ -276,7 +291,7 @@ void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t 
 //! next_rows (or null): the NR rows this thread streams next, prefetched into L2 at the offset read now.
 template <int MT, int NR>
 inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n,
-                             const OutputSpec& out, const int8_t* next_rows) {
+                             const OutputSpec& out, const int8_t* next_rows, int64_t ahead_k0, int64_t ahead_k1) {
   const __m256i ones16 = _mm256_set1_epi16(1);
   const char* ahead = reinterpret_cast<const char*>(next_rows);
   const int64_t K32 = K / 32 * 32;
@@ -286,7 +301,7 @@ inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t 
   for (int64_t k = 0; k < K32; k += 32) {
     __m256i xv[MT];
     for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_q + (m0 + t) * lda + k));
-    if (ahead != nullptr && k % 64 == 0)
+    if (ahead != nullptr && k % 64 == 0 && k >= ahead_k0 && k < ahead_k1)
       for (int r = 0; r < NR; ++r) _mm_prefetch(ahead + r * K + k, _MM_HINT_T1);
     for (int r = 0; r < NR; ++r) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + k));
@@ -306,12 +321,27 @@ inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t 
     }
 }
 
-template <int MT>
-void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const int8_t* w, int64_t n0, int64_t n1,
-                 const OutputSpec& out) {
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) int8_decode_rows<MT, 2>(x_q, lda, K, m0, w, n, out, rows_ahead(w, n + 2, 2, n1, K));
-  for (; n < n1; ++n) int8_decode_rows<MT, 1>(x_q, lda, K, m0, w, n, out, rows_ahead(w, n + 1, 1, n1, K));
+//! Decode of the tokens [m0, m1) (at most kDecodeMaxRows) against weight rows [n0, n1), two rows at a time:
+//! each pair of rows is streamed once by the first pair of tokens and re-read from L1 by the other token pairs
+//! right away (each token pair prefetching its share of the next rows' columns).
+void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, int64_t m1, const int8_t* w, int64_t n0,
+                 int64_t n1, const OutputSpec& out) {
+  const int64_t pairs = (m1 - m0 + 1) / 2, lines = (K + 63) / 64;
+  for (int64_t n = n0; n < n1;) {
+    const int nr = n + 2 <= n1 ? 2 : 1;
+    const int8_t* ahead = rows_ahead(w, n + nr, nr, n1, K);
+    for (int64_t j = 0; j < pairs; ++j) {
+      const int64_t m = m0 + 2 * j, k0 = lines * j / pairs * 64, k1 = lines * (j + 1) / pairs * 64;
+      if (m + 2 <= m1) {
+        if (nr == 2) int8_decode_rows<2, 2>(x_q, lda, K, m, w, n, out, ahead, k0, k1);
+        else int8_decode_rows<2, 1>(x_q, lda, K, m, w, n, out, ahead, k0, k1);
+      } else {
+        if (nr == 2) int8_decode_rows<1, 2>(x_q, lda, K, m, w, n, out, ahead, k0, k1);
+        else int8_decode_rows<1, 1>(x_q, lda, K, m, w, n, out, ahead, k0, k1);
+      }
+    }
+    n += nr;
+  }
 }
 
 template <int MR>
@@ -346,9 +376,7 @@ inline void int8_micro(const int8_t* x, int64_t lda, const uint32_t* tile, int64
 void int8_gemm(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, int64_t m1, const int8_t* w, int64_t n0,
                int64_t n1, const OutputSpec& out) {
   if (m1 - m0 <= kDecodeMaxRows) {
-    int64_t m = m0;
-    for (; m + 2 <= m1; m += 2) int8_decode<2>(x_q, lda, K, m, w, n0, n1, out);
-    if (m < m1) int8_decode<1>(x_q, lda, K, m, w, n0, n1, out);
+    int8_decode(x_q, lda, K, m0, m1, w, n0, n1, out);
     return;
   }
   const int64_t KG = (K + 3) / 4;
