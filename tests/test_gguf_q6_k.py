@@ -2,7 +2,8 @@
 refusals, the import round trip and the CLI.
 
 The reference is ``gguf.quants.dequantize`` (gguf-py's numpy port of ggml's ``dequantize_row_q6_K``); it shares no
-code with :mod:`bitnet_torch.formats.q6_k`. The runtimes are checked in ``test_native_interop.py`` (opt-in).
+code with :mod:`bitnet_torch.formats.q6_k`; the quantizer's choices are pinned to ggml's own (``llama-quantize``'s
+bytes, hashed). The runtimes are checked in ``test_native_interop.py`` (opt-in).
 """
 
 from __future__ import annotations
@@ -74,6 +75,32 @@ def test_q6_k_stores_representable_values_exactly(sign):
     x = (sign * k * s / 2.0 ** e).astype(np.float32).reshape(4, n_blocks * 256 // 4)
     y = dequantize(quantize_q6_k(x), x.shape)
     assert np.array_equal(y, x), f"{int((y != x).sum())} of {x.size} representable values changed"
+
+
+def golden_values(rows: int, cols: int) -> np.ndarray:
+    """Deterministic awkward values (no RNG, no libm): cubed to give tails, 9 scales from 1/64 to 4 (small ones
+    with a subnormal fp16 d), outliers every 11th row, a zero row and a half-zero row."""
+    i = np.arange(rows, dtype=np.int64)[:, None]
+    j = np.arange(cols, dtype=np.int64)[None, :]
+    v = (((i * 7919 + j * 104729 + (i * j) % 613) % 2001) - 1000) / 1000.0
+    v = v**3 * 2.0 ** (i % 9 - 6)
+    v[::11, 7] *= 40.0
+    v[5] = 0.0
+    v[6, :128] = 0.0
+    return v.astype(np.float32)
+
+
+#: sha256 of upstream llama.cpp's ``llama-quantize --token-embedding-type q6_k`` output (ggml-org 82bb48500, the
+#: build in /work/shared/tools/native) for ``golden_values(308, 256)`` as a token embedding.
+LLAMA_QUANTIZE_SHA256 = "352a4f8b0a63ba242295dde8b60cfecb7427b4cc479216895486fde05a244023"
+
+
+def test_q6_k_bytes_equal_ggml_reference_quantizer_on_golden_values():
+    """The whole of ggml's algorithm (trial scales, int8 sub-scales, zero handling, packing), not only its decoder."""
+    import hashlib
+
+    digest = hashlib.sha256(quantize_q6_k(golden_values(308, 256)).tobytes()).hexdigest()
+    assert digest == LLAMA_QUANTIZE_SHA256, "Q6_K bytes differ from llama-quantize's for the golden values"
 
 
 def test_q6_k_all_zero_blocks_are_zero_bytes():
@@ -212,3 +239,18 @@ def test_cli_exports_a_q6_k_embedding(checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and "1 Q6_K" in printed and "verified: 14 ternary tensors" in printed, printed
     assert int(next(t for t in open_gguf(out).tensors if t.name == "token_embd.weight").tensor_type) == 14
+
+
+def test_q6_k_untied_head_is_written_and_read_back_as_q6_k_too(tmp_path):
+    model_dir = make_tiny_checkpoint(tmp_path / "untied", form="packed", tie_word_embeddings=False, head_std=0.2)
+    out = tmp_path / "m.gguf"
+    report = export_gguf(model_dir, out, "tq2_0", embedding_type="q6_k", allow_untied_head=True)
+    assert report.tensor_types["q6_k"] == 2
+    types = {t.name: int(t.tensor_type) for t in open_gguf(out).tensors}
+    assert types["token_embd.weight"] == types["output.weight"] == Q6_K_TYPE_ID
+    original = load_file(str(model_dir / "model.safetensors"))
+    config, state = load_gguf(out)
+    assert config["tie_word_embeddings"] is False
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        x = original[name].float().numpy()
+        assert block_error_ratio(x, state[name].float().numpy()).max() <= BLOCK_ERROR_BOUND, name
