@@ -3,9 +3,11 @@
 For each shape (``2b4t``: BitNet b1.58 2B-4T; ``100m``: 12 layers, hidden 768) the script
 
 1. builds random packed weights (seeded; :func:`bench_generate.shape_config`), saves them as a packed checkpoint
-   and exports it with our own exporter (``export_gguf(..., type="i2_s", embedding_type="f16")``: F16
-   ``token_embd``, bitnet.cpp's official 2B-4T configuration), cached under ``--workdir``;
-2. runs bitnet.cpp's ``llama-bench -m F -t T -p P -n N -r R -o json`` on that file (skipped, with a note, when the
+   and exports it twice with our own exporter, cached under ``--workdir``: ``export_gguf(..., type="i2_s",
+   embedding_type="f16")`` (F16 ``token_embd``, bitnet.cpp's official 2B-4T configuration) and
+   ``embedding_type="q6_k"`` (the same weights, ``token_embd`` — the tied head — in ggml's Q6_K, 2.4x fewer bytes
+   read per token);
+2. runs bitnet.cpp's ``llama-bench -m F -t T -p P -n N -r R -o json`` on each file (skipped, with a note, when the
    prebuilt binaries in ``/work/shared/tools/native`` are absent);
 3. runs ours in a fresh process per thread count: the same seeded weights with the int8 head shared with the
    int8 embedding (what keeps the process under 1.3 GB), on :class:`bitnet_torch.models.engine.DecodeEngine`:
@@ -14,9 +16,9 @@ For each shape (``2b4t``: BitNet b1.58 2B-4T; ``100m``: 12 layers, hidden 768) t
    Transformers' cache: tokens/s over a few steps) and the resident memory (VmRSS while decoding one sequence,
    and the peak VmHWM);
 
-and prints one table with both engines, the ratios, the CPU's instruction set (detected at run time) and
-``/proc/loadavg`` before and after. Figures are medians of ``--repeats`` runs. A bf16/TQ2_0/Q6_K token embedding
-variant for bitnet.cpp is reported as missing: our exporter writes ``token_embd`` only as F16 or F32.
+and prints one table with both engines (bitnet.cpp with the F16 and with the Q6_K token embedding), the ratios,
+the CPU's instruction set (detected at run time) and ``/proc/loadavg`` before and after. Figures are medians of
+``--repeats`` runs. A TQ2_0 token embedding for bitnet.cpp is reported as missing (our exporter does not write one).
 
 Usage::
 
@@ -85,8 +87,12 @@ def _save_tokenizer(model_dir: Path, vocab_size: int) -> None:
     fast.save_pretrained(model_dir)
 
 
-def export_worker(shape: str, out: Path) -> None:
-    """Write the shape's seeded random weights as an I2_S GGUF with an F16 token embedding (our exporter)."""
+#: bitnet.cpp's token embedding variants: ``export_gguf``'s ``embedding_type`` -> the row label.
+EMBEDDINGS = {"f16": "F16", "q6_k": "Q6_K"}
+
+
+def export_worker(shape: str, out: Path, embedding_type: str) -> None:
+    """Write the shape's seeded random weights as an I2_S GGUF with ``embedding_type`` token_embd (our exporter)."""
     import tempfile
 
     from bitnet_torch.export import export_gguf
@@ -96,15 +102,16 @@ def export_worker(shape: str, out: Path) -> None:
         model.save_pretrained(tmp, packed=True)
         del model
         _save_tokenizer(Path(tmp), 300)
-        export_gguf(tmp, out, "i2_s", embedding_type="f16", verify=False)
+        export_gguf(tmp, out, "i2_s", embedding_type=embedding_type, verify=False)
 
 
-def ensure_gguf(shape: str, workdir: Path) -> Path:
-    path = workdir / shape / "model-i2_s-f16emb.gguf"
+def ensure_gguf(shape: str, workdir: Path, embedding_type: str) -> Path:
+    """The cached I2_S GGUF of ``shape`` with an ``embedding_type`` token embedding (exported on first use)."""
+    path = workdir / shape / f"model-i2_s-{embedding_type.replace('_', '')}emb.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{shape}] exporting random weights to {path} ...", flush=True)
-        subprocess.run([sys.executable, __file__, "--export-worker", shape, str(path)], check=True,
+        subprocess.run([sys.executable, __file__, "--export-worker", shape, str(path), embedding_type], check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     return path
 
@@ -281,13 +288,20 @@ def print_table(results: list[dict]) -> None:
               f"{_ratio(ours.get('tg_tok_s'), nat.get('tg_tok_s'))} | {_fmt(ours.get('eager_tg_tok_s'))} |")
         print(head + f"| pp{r['prompt']} tok/s | {_fmt(nat.get('pp_tok_s'))} | {_fmt(ours.get('pp_tok_s'))} | "
               f"{_ratio(ours.get('pp_tok_s'), nat.get('pp_tok_s'))} | {_fmt(ours.get('eager_pp_tok_s'))} |")
+        q6 = r.get("bitnet_cpp_q6_k", {})
+        for metric, n in (("tg", r["tokens"]), ("pp", r["prompt"])) if q6 else ():
+            theirs, mine = q6.get(f"{metric}_tok_s"), ours.get(f"{metric}_tok_s")
+            print(head + f"| {metric}{n} tok/s vs bitnet.cpp Q6_K token_embd | {_fmt(theirs)} | {_fmt(mine)} | "
+                  f"{_ratio(mine, theirs)} | |")
         batched = ours.get("batched_tok_s")
         print(head + f"| batched B={ours.get('batch')} aggregate tok/s | - | {_fmt(batched)} | "
               f"{_ratio(batched, ours.get('tg_tok_s'))} of ours tg; {_ratio(batched, ours.get('pp_tok_s'))} of ours pp | |")
-        print(head + f"| RSS GB (decoding / peak) | {_fmt(nat.get('peak_rss_gb'), 2)} (peak) | "
+        q6_rss = f"; Q6_K emb {_fmt(q6.get('peak_rss_gb'), 2)}" if q6 else ""
+        print(head + f"| RSS GB (decoding / peak) | {_fmt(nat.get('peak_rss_gb'), 2)} (peak{q6_rss}) | "
               f"{_fmt(ours.get('rss_decoding_gb'), 2)} / {_fmt(ours.get('peak_rss_gb'), 2)} | | |")
-        if "error" in nat:
-            print(head + f"| bitnet.cpp failed: {nat['error'][:200]} |")
+        for label, result in (("bitnet.cpp", nat), ("bitnet.cpp (Q6_K token_embd)", q6)):
+            if "error" in result:
+                print(head + f"| {label} failed: {result['error'][:200]} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,12 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bitnet.cpp: skipped (" + ("--no-native" if args.no_native else f"no binaries under {NATIVE}") + ")")
     results = []
     for shape in shapes:
-        gguf = ensure_gguf(shape, args.workdir) if native else None
+        ggufs = {emb: ensure_gguf(shape, args.workdir, emb) for emb in EMBEDDINGS} if native else {}
         for t in threads:
             row = {"shape": shape, "threads": t, "prompt": args.prompt, "tokens": args.tokens}
-            if native:
-                print(f"[{shape}, {t} threads] bitnet.cpp llama-bench ...", flush=True)
-                row["bitnet_cpp"] = run_bitnet_cpp(gguf, t, args.prompt, args.tokens, args.repeats, env)
+            for emb, gguf in ggufs.items():
+                print(f"[{shape}, {t} threads] bitnet.cpp llama-bench ({EMBEDDINGS[emb]} token_embd) ...", flush=True)
+                key = "bitnet_cpp" if emb == "f16" else f"bitnet_cpp_{emb}"
+                row[key] = run_bitnet_cpp(gguf, t, args.prompt, args.tokens, args.repeats, env)
             print(f"[{shape}, {t} threads] ours ...", flush=True)
             row["ours"] = run_ours(shape, t, args, env)
             results.append(row)
@@ -337,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     isa = next((r["ours"].get("cpu_isa") for r in results if "cpu_isa" in r["ours"]), None)
     print_table(results)
     print(f"\nCPU ISA (ours, runtime-detected): {isa}; bitnet.cpp kernels: AVX2 (I2_S, no AVX-512 path)")
-    print("bitnet.cpp with a Q6_K / TQ2_0 token embedding: missing (our exporter writes token_embd as F16 or F32 only)")
+    print("bitnet.cpp columns: the I2_S file with an F16 token_embd (the tied head; bitnet.cpp's official 2B-4T "
+          "layout), and the same weights with a Q6_K token_embd (rows 'vs bitnet.cpp Q6_K token_embd'); "
+          "a TQ2_0 token embedding: missing (our exporter does not write one)")
     print(f"loadavg before: {load_before}; after: {load_after}")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "loadavg_before": load_before, "loadavg_after": load_after,
@@ -347,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--export-worker":
-        export_worker(sys.argv[2], Path(sys.argv[3]))
+        export_worker(sys.argv[2], Path(sys.argv[3]), sys.argv[4])
     elif len(sys.argv) > 1 and sys.argv[1] == "--ours-worker":
         ours_worker(sys.argv[2], *map(int, sys.argv[3:8]))
     else:

@@ -319,6 +319,7 @@ def test_export_parser_choices_match_the_exporter():
 
     assert cli_export.GGUF_TYPES == gguf.GGUF_TYPES
     assert cli_export.GGUF_ARCHITECTURES == gguf.GGUF_ARCHITECTURES
+    assert cli_export.GGUF_EMBEDDING_TYPES == gguf.GGUF_EMBEDDING_TYPES
 
 
 def test_bench_speedups_read_as_faster_or_slower():

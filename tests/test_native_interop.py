@@ -11,6 +11,9 @@ architecture, a small random model is exported and evaluated by ``logits_dump`` 
   ``allow_activation_mismatch``, it loads and computes a measurably different model (mean KL > 1e-2), which is why
   it is refused.
 
+A Q6_K token embedding (``--embedding-type q6_k``) runs in both runtimes as our model (up to its rounding), and its
+bytes equal those of ggml's own ``llama-quantize``.
+
 ``BITNET_TORCH_NATIVE_TABLE=path.md`` additionally writes the runtime x type x activation table
 (loads, top-1 agreement, KL, greedy).
 """
@@ -28,7 +31,7 @@ import torch
 
 from bitnet_torch import BitNetForCausalLM
 from bitnet_torch.export import GGUFExportError, export_gguf
-from bitnet_torch.formats.gguf_layout import ARCH_ACTIVATION, GGUF_ARCHITECTURES, GGUF_TYPES
+from bitnet_torch.formats.gguf_layout import ARCH_ACTIVATION, ARCH_FOR_ACTIVATION, GGUF_ARCHITECTURES, GGUF_TYPES
 from test_gguf_helpers import make_tiny_checkpoint
 
 NATIVE_RUN = os.environ.get("BITNET_TORCH_NATIVE_RUN")
@@ -151,3 +154,88 @@ def test_runtime_computes_our_model_or_the_export_is_refused(models, tmp_path, g
             assert got_gen == ref_gen, (got_gen, ref_gen)
         else:
             assert result["kl_mean"] > KL_DIFFERENT, f"{runtime} runs {arch} with {act} after all? {result}"
+
+
+# ------------------------------------------------------------------------------------------- Q6_K token embedding
+
+#: Measured (embedding std 0.2), ``--embedding-type q6_k``: bitnet.cpp, relu2, i2_s: KL mean 3.3e-4 (max 5.8e-3)
+#: against our fp32 checkpoint (the F16 file: 9.0e-5), 7.3e-5 against our own model read back from the same file
+#: (the F16 file against its own: 8.8e-5); llama.cpp, silu, tq2_0: 2.3e-4 and 4.3e-5. Top-1 32/32, greedy 8/8 in all.
+KL_Q6_K = KL_MATCH
+
+
+@pytest.mark.parametrize("runtime,act,gguf_type", [("bitnet.cpp", "relu2", "i2_s"), ("llama.cpp", "silu", "tq2_0")])
+def test_runtime_runs_a_q6_k_token_embedding_as_our_model(models, tmp_path, runtime, act, gguf_type):
+    """``export gguf --type i2_s --embedding-type q6_k``: bitnet.cpp computes the checkpoint's logits up to the
+    Q6_K rounding of the tied head, and our own import of the same file computes what bitnet.cpp computes;
+    likewise upstream llama.cpp with a silu model in tq2_0."""
+    from bitnet_torch.cli import main
+
+    model_dir, ref, ref_gen = models[act]
+    gguf_file = tmp_path / f"{act}-{gguf_type}-q6_k.gguf"
+    argv = ["export", "gguf", str(model_dir), str(gguf_file), "--type", gguf_type, "--embedding-type", "q6_k"]
+    assert main(argv) == 0
+    done = run_logits_dump(runtime, gguf_file, tmp_path / "dump.bin")
+    assert done.returncode == 0, done.stderr[-2000:]
+    got, got_gen = read_dump(tmp_path / "dump.bin")
+    result = compare(ref, ref_gen, got, got_gen)
+    TABLE.append({"runtime": runtime, "type": f"{gguf_type} + q6_k emb", "act": act, "arch": ARCH_FOR_ACTIVATION[act],
+                  "export": "ok", **result})
+    assert result["top1"] == len(IDS) and result["kl_mean"] < KL_Q6_K and got_gen == ref_gen, result
+    ours = BitNetForCausalLM.from_gguf(gguf_file, dtype=torch.float32).eval()
+    x = torch.tensor([IDS])
+    with torch.no_grad():
+        own = ours(x).logits[0].numpy()
+        own_gen = ours.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_GEN, do_sample=False,
+                                pad_token_id=0)[0, len(IDS):].tolist()
+    same_file = compare(own, own_gen, got, got_gen)
+    assert same_file["top1"] == len(IDS) and same_file["kl_mean"] < KL_Q6_K and got_gen == own_gen, same_file
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_q6_k_bytes_equal_llama_quantize(tmp_path, runtime):
+    """ggml's own quantizer (``llama-quantize --token-embedding-type q6_k``: ``quantize_row_q6_K_ref``) writes the
+    same bytes as ours for embeddings of several distributions and scales (a zero row and an outlier included).
+
+    Upstream llama.cpp: every block (measured: 308/308). bitnet.cpp's build fuses the multiply-adds of
+    ``make_qx_quants``' sums, so a near-tie between two trial scales can go the other way: measured 5 of 308
+    blocks with one sub-block scale one or three steps apart (same super-scale d; total squared error 1.0000002x).
+    """
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    from bitnet_torch.formats.q6_k import quantize_q6_k
+
+    model_dir = make_tiny_checkpoint(tmp_path / "silu", form="packed", hidden_act="silu")
+    state = load_file(str(model_dir / "model.safetensors"))
+    shape = state["model.embed_tokens.weight"].shape
+    g = torch.Generator().manual_seed(11)
+    parts = [torch.randn(shape, generator=g) * s for s in (1e-3, 0.02, 1.0, 50.0)]
+    parts += [torch.rand(shape, generator=g) * 2 - 1, (1 - torch.rand(shape, generator=g)).log()]  # uniform, -Exp(1)
+    rows = torch.arange(shape[0])
+    values = torch.stack(parts)[rows % len(parts), rows]
+    values[3] = 0.0
+    values[5, 40] = 1e4
+    state["model.embed_tokens.weight"] = values.contiguous()
+    save_file(state, str(model_dir / "model.safetensors"))
+    source = tmp_path / "f32emb.gguf"
+    export_gguf(model_dir, source, "f16", embedding_type="f32")
+    quantized = tmp_path / "ggml-q6_k.gguf"
+    done = subprocess.run([NATIVE_RUN, runtime, "llama-quantize", "--token-embedding-type", "q6_k", str(source),
+                           str(quantized), "F16"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = next(t for t in gguf.GGUFReader(quantized).tensors if t.name == "token_embd.weight")
+    assert int(theirs.tensor_type) == int(gguf.GGMLQuantizationType.Q6_K)
+    theirs = np.asarray(theirs.data).reshape(-1, 210)
+    ours = quantize_q6_k(values.numpy()).reshape(-1, 210)
+    differ = (ours != theirs).any(axis=1)
+    if runtime == "llama.cpp":
+        assert not differ.any(), f"{int(differ.sum())} of {len(differ)} Q6_K blocks differ from llama-quantize's"
+        return
+    assert differ.mean() < 0.05, f"{int(differ.sum())} of {len(differ)} Q6_K blocks differ from llama-quantize's"
+    assert np.array_equal(ours[:, 208:], theirs[:, 208:]), "a super-scale d differs from llama-quantize's"
+    assert ((ours[:, 192:208] != theirs[:, 192:208]).sum(axis=1) <= 1).all(), "more than one sub-block scale differs"
+    x = values.numpy().reshape(-1, 256).astype(np.float64)
+    err = [((gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q6_K).reshape(x.shape) - x) ** 2).sum()
+           for q in (ours, theirs)]
+    assert err[0] <= 1.01 * err[1], f"our squared error {err[0]:.4g} is above llama-quantize's {err[1]:.4g}"

@@ -18,6 +18,7 @@ which runtime runs which file (GGUF stores no activation: each runtime's graph f
   bitnet-25 is bitnet.cpp's other squared-ReLU arch. An arch whose FFN is not the model's is refused
   (it would load and compute a different model) unless --allow-activation-mismatch. Every runtime needs a
   tied lm_head (tie_word_embeddings): an untied one is refused unless --allow-untied-head.
+  --embedding-type q6_k (token_embd, the tied head, in ggml's Q6_K) runs in both runtimes with every type above.
 
 reading the files back: i2_s (type 36) is not an upstream ggml type, so the stock gguf-py GGUFReader cannot
 open it; bitnet_torch.formats.BitNetGGUFReader (or load_gguf / BitNetForCausalLM.from_gguf) reads every type.
@@ -56,10 +57,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-#: ``bitnet_torch.formats.gguf_layout``'s GGUF_TYPES and GGUF_ARCHITECTURES, repeated here so that the parser
-#: (``--help``, argument errors) imports neither torch nor gguf/numpy; tests/test_cli.py checks that they agree.
+#: ``bitnet_torch.formats.gguf_layout``'s GGUF_TYPES, GGUF_ARCHITECTURES and GGUF_EMBEDDING_TYPES, repeated here so
+#: that the parser (``--help``, argument errors) imports neither torch nor gguf/numpy; tests/test_cli.py checks that
+#: they agree.
 GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0", "f16")
 GGUF_ARCHITECTURES = ("bitnet", "bitnet-b1.58", "bitnet-25")
+GGUF_EMBEDDING_TYPES = ("f16", "f32", "q6_k")
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -90,7 +93,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                         "bitnet arch refuses the file, bitnet-b1.58 ignores it and uses token_embd)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--pre-tokenizer", default=None, help="override tokenizer.ggml.pre (llama.cpp pre-tokenizer name)")
-    g.add_argument("--embedding-type", choices=("f16", "f32"), default="f16", help="storage of embeddings (default: f16)")
+    g.add_argument("--embedding-type", choices=GGUF_EMBEDDING_TYPES, default="f16",
+                   help="storage of token_embd, the tied head: f16, f32, or q6_k (ggml's 6.56-bit k-quant, lossy: "
+                        "2.4x smaller than f16, less to read per token; rows must be a multiple of 256) "
+                        "(default: %(default)s)")
     g.add_argument("--name", default=None, help="general.name (default: the directory name)")
     g.add_argument("--no-verify", action="store_true", help="skip reading the file back")
     g.add_argument("--standard-keys-only", action="store_true",

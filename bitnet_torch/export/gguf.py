@@ -13,10 +13,12 @@ The seven projections of each layer are stored in the chosen type:
 * ``f16``   — the dequantized ternary ``W_t * mean|W|``.
 
 A projection whose row length does not fit the type's block is written as F16 instead (as llama.cpp's
-converter does) and reported. Embeddings are F16 (or F32), norms F32; a tied ``lm_head`` is not
-written (the runtimes reuse ``token_embd``). An untied ``lm_head`` is refused unless asked: the ``bitnet``
-arch refuses a file with ``output.weight`` in both runtimes, and bitnet.cpp's ``bitnet-b1.58`` /
-``bitnet-25`` load it but compute the head with ``token_embd`` (measured: a different model).
+converter does) and reported. Embeddings are F16 (or F32, or ggml's ``Q6_K`` k-quant:
+:mod:`bitnet_torch.formats.q6_k`, lossy, 6.56 bits per value, rows a multiple of 256 — 2.4x fewer bytes of tied
+head to read per token), norms F32; a tied ``lm_head`` is not written (the runtimes reuse ``token_embd``).
+An untied ``lm_head`` is refused unless asked: the ``bitnet`` arch refuses a file with ``output.weight`` in both
+runtimes, and bitnet.cpp's ``bitnet-b1.58`` / ``bitnet-25`` load it but compute the head with ``token_embd``
+(measured: a different model).
 
 **Architecture and FFN activation.** GGUF has no activation key: each runtime's graph for an architecture
 name hard-codes it (table in :mod:`bitnet_torch.formats.gguf_layout`). ``bitnet`` is SiLU in both
@@ -58,6 +60,7 @@ from ..formats.gguf_layout import (
     ARCH_ACTIVATION,
     ARCH_FOR_ACTIVATION,
     GGUF_ARCHITECTURES,
+    GGUF_EMBEDDING_TYPES,
     GGUF_TYPES,
     KEY_HF_CONFIG,
     KEY_SCALE_NAMES,
@@ -70,6 +73,7 @@ from ..formats.gguf_layout import (
 )
 from ..formats.gguf_reader import BitNetGGUFReader, open_gguf, read_ternary
 from ..formats.gguf_reader import load_gguf as _load_gguf
+from ..formats.q6_k import Q6_K_BLOCK, quantize_q6_k
 from ..formats.ternary import I2_S_BLOCK, I2_S_TYPE_ID, TQ_BLOCK, pack_i2_s, pack_tq1_0, pack_tq2_0
 from .checkpoint import CheckpointTensor, iter_checkpoint_tensors, read_config, safetensors_files
 from .tokenizer_metadata import read_tokenizer_metadata
@@ -77,6 +81,7 @@ from .tokenizer_metadata import read_tokenizer_metadata
 __all__ = [
     "GGUF_TYPES",
     "GGUF_ARCHITECTURES",
+    "GGUF_EMBEDDING_TYPES",
     "GGUFExportError",
     "GGUFExportReport",
     "default_arch",
@@ -90,6 +95,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GGUFType = Literal["i2_s", "tq2_0", "tq1_0", "f16"]
+EmbeddingType = Literal["f16", "f32", "q6_k"]
 #: ``general.file_type`` per type (llama.cpp ``llama_ftype``; 40 = bitnet.cpp ``LLAMA_FTYPE_MOSTLY_I2_S``).
 _FILE_TYPE = {
     "i2_s": 40,
@@ -234,6 +240,31 @@ def _float_array(tensor: torch.Tensor, as_f16: bool) -> np.ndarray:
     return tensor.detach().to(torch.float32).numpy().astype(np.float16 if as_f16 else np.float32)
 
 
+def _embedding_array(
+    tensor: CheckpointTensor, gguf_name: str, embedding_type: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Bytes + ``add_tensor`` kwargs of ``token_embd`` / ``output`` in ``embedding_type`` (F16, F32 or Q6_K)."""
+    if embedding_type != "q6_k":
+        return _float_array(tensor.value, embedding_type == "f16"), {}
+    values = tensor.value.detach().to(torch.float32).numpy()
+    if values.ndim != 2 or values.shape[1] % Q6_K_BLOCK != 0:
+        raise GGUFExportError(
+            f"{gguf_name} ({tensor.name}, shape {tuple(values.shape)}): embedding_type 'q6_k' needs the hidden size "
+            f"(its row length, {values.shape[-1]}) to be a multiple of {Q6_K_BLOCK} (Q6_K's block); "
+            "use embedding_type 'f16' or 'f32'"
+        )
+    def progress(starts):  # a bar while the export logs at INFO (as gguf's writer shows one for the tensors)
+        from tqdm.auto import tqdm
+
+        return tqdm(starts, desc=f"Q6_K {gguf_name}", unit="chunk", leave=False)
+
+    try:
+        data = quantize_q6_k(values, progress=progress if logger.isEnabledFor(logging.INFO) else None)
+    except ValueError as exc:
+        raise GGUFExportError(f"{gguf_name} ({tensor.name}) cannot be written as Q6_K: {exc}") from exc
+    return data, {"raw_dtype": gguf.GGMLQuantizationType.Q6_K}
+
+
 @dataclass
 class _CollectedTensors:
     """The GGUF tensors of a checkpoint, ready to write, and the exact scale of every ternary one."""
@@ -267,7 +298,8 @@ def _collect_tensors(
             out.scale_names.append(gguf_name)
             out.scales.append(float(tensor.scale))
         elif gguf_name.startswith(("token_embd.", "output.")):
-            data, kwargs, written = _float_array(tensor.value, embedding_type == "f16"), {}, embedding_type
+            data, kwargs = _embedding_array(tensor, gguf_name, embedding_type)
+            written = embedding_type
         else:
             data, kwargs, written = _float_array(tensor.value, as_f16=False), {}, "f32"
         out.tensors.append((gguf_name, data, kwargs))
@@ -301,7 +333,7 @@ def export_gguf(
     *,
     arch: str | None = None,
     pre_tokenizer: str | None = None,
-    embedding_type: Literal["f16", "f32"] = "f16",
+    embedding_type: EmbeddingType = "f16",
     name: str | None = None,
     verify: bool = True,
     extra_metadata: bool = True,
@@ -311,7 +343,9 @@ def export_gguf(
 ) -> GGUFExportReport:
     """Write the checkpoint in ``model_dir`` as one GGUF file at ``out_path``; returns a report.
 
-    ``type`` picks the storage of the ternary projections (see the module docstring). ``arch`` defaults
+    ``type`` picks the storage of the ternary projections (see the module docstring), ``embedding_type`` that of
+    ``token_embd`` (the tied head): ``"f16"``, ``"f32"`` or ``"q6_k"`` (lossy, hidden size a multiple of 256;
+    counted in ``report.tensor_types`` like the others). ``arch`` defaults
     to the architecture whose runtime graph computes the model's ``hidden_act`` (``relu2`` →
     ``bitnet-b1.58``, ``silu`` → ``bitnet``); an ``arch`` that computes another activation is refused
     unless ``allow_activation_mismatch``. An untied ``lm_head`` is refused unless ``allow_untied_head`` (no
@@ -326,16 +360,19 @@ def export_gguf(
     Raises (all ``ValueError``) :class:`CheckpointError` for a missing or invalid checkpoint,
     ``TokenizerMetadataError`` for a tokenizer llama.cpp cannot run, and :class:`GGUFExportError` for a
     model that is not BitNet, an unknown type/arch, an activation the architecture does not compute, a
-    config that contradicts the tensors, tensors the BitNet GGUF architecture cannot hold, or an output
-    path it must not write. All-or-nothing: the file is written to a temporary file in the output's
+    config that contradicts the tensors, tensors the BitNet GGUF architecture cannot hold, an embedding
+    ``q6_k`` cannot hold (hidden size not a multiple of 256, NaN or infinite values), or an output path it
+    must not write. All-or-nothing: the file is written to a temporary file in the output's
     directory and renamed at the end; on any failure (``KeyboardInterrupt`` included) the temporary file is
     removed and an existing ``out_path`` is left as it was.
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
     if type not in GGUF_TYPES:
         raise GGUFExportError(f"unknown GGUF type {type!r}; choose one of {', '.join(GGUF_TYPES)}")
-    if embedding_type not in ("f16", "f32"):
-        raise GGUFExportError(f"embedding_type must be 'f16' or 'f32', got {embedding_type!r}")
+    if embedding_type not in GGUF_EMBEDDING_TYPES:
+        raise GGUFExportError(
+            f"embedding_type must be one of {', '.join(map(repr, GGUF_EMBEDDING_TYPES))}, got {embedding_type!r}"
+        )
     config = read_config(model_dir)
     if config.get("model_type") != "bitnet":
         raise GGUFExportError(
@@ -344,6 +381,13 @@ def export_gguf(
             "without training does not give a working model"
         )
     arch = choose_arch(config.get("hidden_act"), type, arch, allow_activation_mismatch)
+    hidden = config.get("hidden_size")
+    if embedding_type == "q6_k" and isinstance(hidden, int) and hidden % Q6_K_BLOCK != 0:
+        raise GGUFExportError(
+            f"embedding_type 'q6_k' needs the hidden size to be a multiple of {Q6_K_BLOCK} (Q6_K stores each "
+            f"embedding row in blocks of {Q6_K_BLOCK} values); {model_dir} has hidden_size {hidden}: "
+            "use embedding_type 'f16' or 'f32'"
+        )
     _check_output_path(out_path, model_dir, overwrite)
     safetensors_files(model_dir)  # refuses a directory without (or with only pickled) weights
     vocab_size = int(_require(config, "vocab_size"))

@@ -27,6 +27,7 @@ __all__ = [
     "ARCH_ACTIVATION",
     "ARCH_FOR_ACTIVATION",
     "GGUF_ARCHITECTURES",
+    "GGUF_EMBEDDING_TYPES",
     "GGUF_TYPES",
     "KEY_HF_CONFIG",
     "KEY_SCALES",
@@ -43,6 +44,8 @@ __all__ = [
 
 #: The ternary storage types a BitNet GGUF holds (and :func:`bitnet_torch.export.export_gguf` writes).
 GGUF_TYPES: tuple[str, ...] = ("i2_s", "tq2_0", "tq1_0", "f16")
+#: Storage of ``token_embd`` (the tied head) and an untied ``output``: F16, F32, or ggml's lossy 6.56-bit ``Q6_K``.
+GGUF_EMBEDDING_TYPES: tuple[str, ...] = ("f16", "f32", "q6_k")
 #: Architecture names: ``bitnet`` (llama.cpp and bitnet.cpp); ``bitnet-b1.58`` / ``bitnet-25`` (bitnet.cpp only).
 GGUF_ARCHITECTURES: tuple[str, ...] = ("bitnet", "bitnet-b1.58", "bitnet-25")
 #: The FFN activation each architecture's graph hard-codes, in both runtimes.

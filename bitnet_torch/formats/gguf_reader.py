@@ -1,5 +1,10 @@
 """Read BitNet GGUF files (``i2_s``, ``tq2_0``, ``tq1_0``, ``f16``) into our packed checkpoint layout.
 
+The ternary projections come back exactly; a ``token_embd`` stored as ``Q6_K`` (``export_gguf(...,
+embedding_type="q6_k")``, or another converter's k-quant) comes back dequantized by ``gguf.quants``: Q6_K is
+lossy, so such a model is not the exported checkpoint (its embedding and tied head are off by about 2% RMS, up to
+about 1/56 of each 256-value block's largest magnitude: :mod:`bitnet_torch.formats.q6_k`).
+
 This is the reading half of GGUF, below ``models`` (whose ``BitNetForCausalLM.from_gguf`` uses it);
 the writing half is :mod:`bitnet_torch.export.gguf`, above. :class:`BitNetGGUFReader` is the ``gguf``
 package's reader plus bitnet.cpp's I2_S tensors (type 36, which the stock ``gguf.GGUFReader`` refuses).
@@ -188,8 +193,9 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     Projections become uint8 ``weight`` ``[N/4, K]`` + ``weight_scale`` ``[1]`` (multiply convention,
     ``quantization_config.linear_class = "autobitlinear"``, ``quantization_mode = "offline"``); the exact
     scales written by our exporter are used when present, else the file's own (fp16 block / fp32 I2_S /
-    F16 magnitude). Other tensors come back as float tensors in the config's dtype. The config is the
-    embedded ``config.json`` when present, else rebuilt from the standard keys; either way it is checked
+    F16 magnitude). Other tensors come back as float tensors in the config's dtype; a quantized one (a ``Q6_K``
+    ``token_embd``, say) is dequantized with ``gguf.quants`` — lossy, not the values that were exported. The
+    config is the embedded ``config.json`` when present, else rebuilt from the standard keys; either way it is checked
     against the tensors (layers, sizes, heads) before any tensor is decoded.
     Raises :class:`GGUFError` for a missing, truncated or corrupt file, a non-BitNet architecture, a
     config that contradicts the tensors, or a projection in a non-ternary type.
@@ -258,7 +264,8 @@ def model_from_gguf(path: str | os.PathLike, model_class: type, **from_pretraine
 
     The implementation of ``BitNetForCausalLM.from_gguf`` (the class is passed in: this module sits below
     ``models``). Goes through the class's own ``from_pretrained`` on a temporary packed checkpoint, so
-    loading follows exactly the path of a saved packed model. Raises :class:`GGUFError` like :func:`load_gguf`.
+    loading follows exactly the path of a saved packed model; a ``Q6_K`` ``token_embd`` is dequantized (lossy, see
+    :func:`load_gguf`). Raises :class:`GGUFError` like :func:`load_gguf`.
     """
     from safetensors.torch import save_file
 

@@ -335,7 +335,8 @@ class BitNetPreTrainedModel(PeftAdapterCompatMixin, hf_bitnet.BitNetPreTrainedMo
     def from_gguf(cls, path, **from_pretrained_kwargs):
         """Load a BitNet GGUF file (``i2_s``, ``tq2_0``, ``tq1_0`` or ``f16``) into a packed model.
 
-        The ternary weights come back bit-exactly; see :func:`bitnet_torch.formats.gguf_reader.model_from_gguf`.
+        The ternary weights come back bit-exactly; a ``Q6_K`` ``token_embd`` comes back dequantized (lossy: not
+        the exported values); see :func:`bitnet_torch.formats.gguf_reader.model_from_gguf`.
         """
         from ..formats.gguf_reader import model_from_gguf  # below models; imports gguf only when asked
 
