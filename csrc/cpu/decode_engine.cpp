@@ -355,6 +355,8 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
     m[6] = member(l, 6, I, proj.get(), H);
     m[6].P = H / 4;
   }
+  // The ISA's attention loops when it has them (and head_dim suits them), else the portable ones below.
+  const bool simd_attention = kt.attention_scores != nullptr && kt.attention_values != nullptr && D % 16 == 0;
   // Bytes each thread prefetches of its next projection while waiting (a few row groups of the kernels).
   constexpr int64_t kPrefetchBytes = 32 * 1024;
 
@@ -429,7 +431,8 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
         const char* kbase = static_cast<const char*>(w.k_cache) + size_t(base) * elem;
         const char* vbase = static_cast<const char*>(w.v_cache) + size_t(base) * elem;
         if (direct) {
-          attention_scores(q, G, kbase, act == FloatKind::BF16, len, D, d.attn_scale, scores.data());
+          (simd_attention ? kt.attention_scores : attention_scores)(q, G, kbase, act == FloatKind::BF16, len, D,
+                                                                   d.attn_scale, scores.data());
         } else {
           for (int64_t j = 0; j < len; ++j) {
             load_row(w.k_cache, act, base + j * D, kv, D);
@@ -445,14 +448,15 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
           for (int64_t j = 0; j < len; ++j) {
             s[j] = std::exp(s[j] - mx);
             sum += s[j];
-            // SDPA's CPU kernel (flash attention) multiplies V by the probabilities rounded to the input dtype
-            // (the fp32 sum is of the unrounded ones): doing the same halves the distance to it in bf16.
-            s[j] = round_to(act, s[j]);
           }
+          // SDPA's CPU kernel (flash attention) multiplies V by the probabilities rounded to the input dtype
+          // (the fp32 sum is of the unrounded ones): doing the same halves the distance to it in bf16.
+          round_row(act, s, len);
           total[size_t(g)] = sum;
         }
         if (direct) {
-          attention_values(scores.data(), G, vbase, act == FloatKind::BF16, len, D, acc.data());
+          (simd_attention ? kt.attention_values : attention_values)(scores.data(), G, vbase, act == FloatKind::BF16,
+                                                                   len, D, acc.data());
         } else {
           for (int64_t j = 0; j < len; ++j) {
             load_row(w.v_cache, act, base + j * D, kv, D);

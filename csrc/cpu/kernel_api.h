@@ -73,6 +73,14 @@ using Int8GemmFn = void (*)(const int8_t* x_q, int64_t lda, int64_t K, int64_t m
 using PackRowsFn = void (*)(const void* w, FloatKind kind, int64_t K, float scale, int64_t P, int64_t r0, int64_t r1,
                             uint8_t* packed);
 
+//! The decode engine's attention scores of G query heads q [G, D] (fp32) against the cache rows [0, len) of one
+//! KV head (keys [len, D], bf16 bits when bf16 else fp32): scores[g * len + j] = scale * (q_g . k_j) in fp32.
+using AttentionScoresFn = void (*)(const float* q, int64_t G, const void* keys, bool bf16, int64_t len, int64_t D,
+                                   float scale, float* scores);
+//! ... and the probability-weighted values: acc[g * D + i] += sum_j p[g * len + j] * v_j[i] in fp32.
+using AttentionValuesFn = void (*)(const float* p, int64_t G, const void* values, bool bf16, int64_t len, int64_t D,
+                                   float* acc);
+
 //! One ISA's implementation of every kernel.
 struct KernelTable {
   const char* name;
@@ -80,6 +88,9 @@ struct KernelTable {
   TernaryGemmFn ternary_gemm;
   Int8GemmFn int8_gemm;
   PackRowsFn pack_rows;
+  //! Attention loops of the decode engine, or null: the engine's portable loops (fp32 sums in another order).
+  AttentionScoresFn attention_scores = nullptr;
+  AttentionValuesFn attention_values = nullptr;
 };
 
 const KernelTable& scalar_kernels();
