@@ -40,6 +40,12 @@ MAIN_KEY = "sk-main-5f2b0c9d7e1a4c3b"
 LIMITS_KEY, DRAIN_KEY = "sk-limits-a1b2c3d4", "sk-drain-e5f6a7b8"
 RPM_KEY, TPM_KEY = "sk-rpm-0a0b0c0d", "sk-tpm-1a1b1c1d"
 PROMPTS = ["In the beginning God", "And the earth was without form", "Let there be light", "User: What is"]
+#: A request that cannot finish within the tests' timeouts (6 s request timeout, streams held open while the
+#: test checks the queue): the tiny model decodes a few thousand tokens a second, so 7000 tokens finished in
+#: under 6 s once the decode engine got faster. 60000 would need 10000 tokens/s (its attention alone over a
+#: growing cache makes that impossible).
+LONG_TOKENS = 60000
+LONG_SEQ = 65536
 STARTUP_S = 240
 
 
@@ -103,8 +109,8 @@ def servers(tmp_path_factory):
                                "--max-tokens-limit", "64", "--max-body-bytes", "20000"],
                               dict(env, BITNET_TORCH_API_KEY=MAIN_KEY), root / "main.log"),
         "limits": ServerProcess([sys.executable, "-m", "bitnet_torch", "serve", *common, "--api-key-file", str(keys),
-                                 "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", "8192",
-                                 "--max-tokens-limit", "8000", "--request-timeout", "6", "--drain-timeout", "20"],
+                                 "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", str(LONG_SEQ),
+                                 "--max-tokens-limit", str(LONG_TOKENS), "--request-timeout", "6", "--drain-timeout", "20"],
                                 env, root / "limits.log"),
     }
     try:
@@ -475,7 +481,7 @@ def test_per_key_tokens_per_minute(rate):
 # --------------------------------------------------------------------------------- queue, disconnect, timeout
 
 
-def _open_stream(client: httpx.Client, server, key, max_tokens=7000):
+def _open_stream(client: httpx.Client, server, key, max_tokens=LONG_TOKENS):
     body = {"prompt": PROMPTS[0], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     request = client.build_request("POST", server.url + "/v1/completions", json=body,
                                    headers={"Authorization": f"Bearer {key}"})
@@ -520,7 +526,7 @@ def test_a_non_streaming_client_that_disconnects_cancels_its_sequence(servers):
     limits = servers["limits"]
     before = _metrics(limits)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s and closes the connection
-        _post(limits, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 7000, "temperature": 0,
+        _post(limits, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": LONG_TOKENS, "temperature": 0,
                                           "ignore_eos": True}, key=LIMITS_KEY, timeout=1.0)
     assert _wait_for(lambda: _total(_metrics(limits), "bitnet_request_success_total", finished_reason="abort")
                      - _total(before, "bitnet_request_success_total", finished_reason="abort") == 1, timeout=3.0)
@@ -533,7 +539,7 @@ def test_a_non_streaming_client_that_disconnects_cancels_its_sequence(servers):
 def test_request_timeout_is_408_and_frees_the_slot(servers):
     limits = servers["limits"]
     started = time.monotonic()
-    r = _post(limits, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 7000, "temperature": 0,
+    r = _post(limits, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": LONG_TOKENS, "temperature": 0,
                                           "ignore_eos": True}, key=LIMITS_KEY)
     assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error"
     assert 5.5 < time.monotonic() - started < 40
@@ -567,11 +573,11 @@ def test_drain_deadline_cancels_what_is_still_running(reference):
     from bitnet_torch.serving.config import ServeConfig
 
     model, tokenizer, _ = reference
-    config = ServeConfig(model_name="tiny", max_seq_len=8192, max_tokens_limit=8000, drain_timeout_s=1.0)
+    config = ServeConfig(model_name="tiny", max_seq_len=LONG_SEQ, max_tokens_limit=LONG_TOKENS, drain_timeout_s=1.0)
     server = ThreadServer(model, tokenizer, config)
     try:
         with httpx.Client(timeout=30) as client:
-            response, lines = _open_stream(client, server, key=None, max_tokens=7000)
+            response, lines = _open_stream(client, server, key=None)
             assert next(line for line in lines if line.startswith("data: "))
             started = time.monotonic()
             server.server.handle_exit(signal.SIGTERM, None)
