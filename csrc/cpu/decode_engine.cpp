@@ -94,15 +94,10 @@ inline float round_to(FloatKind kind, float v) {
 }
 
 // The element-wise steps of a layer, over whole rows. Each is the eager op's arithmetic with its rounding to
-// the model dtype after every op; the bf16 rounding is written branch-free (bf16_round: float_to_bf16 and back,
-// the same bits, NaN -> the canonical quiet NaN) so that the bf16 and fp32 loops vectorise (SIMD clones for
-// AVX-512 / AVX2); fp16 keeps the scalar conversion. Measured at B = 8 on the 2B-4T shape (1 thread, AVX-512):
-// the scalar loops were 24% of a decode step (16 ms of 67).
-inline float bf16_round(float f) {
-  const uint32_t u = std::bit_cast<uint32_t>(f);
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  return f != f ? std::bit_cast<float>(0x7FC00000u) : std::bit_cast<float>(r);
-}
+// the model dtype after every op; bf16 rounding (scalar_common.h float_to_bf16, branch-free) vectorises, so the
+// bf16 and fp32 loops get SIMD clones for AVX-512 / AVX2; fp16 keeps the scalar conversion. Measured at B = 8 on
+// the 2B-4T shape (1 thread, AVX-512): the scalar loops were 24% of a decode step (16 ms of 67).
+inline float bf16_round(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 //! v[i] = r(v[i])
 BITNET_ISA_CLONES void round_row(FloatKind kind, float* v, int64_t n) {

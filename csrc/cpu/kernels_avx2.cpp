@@ -222,15 +222,17 @@ inline void ternary_decode_row(const int8_t* x_q, int64_t lda, const int32_t* x_
 
 //! Decode of the tokens [m0, m1) (at most kDecodeMaxRows) against packed rows [p0, p1): each row is streamed
 //! from memory once, by the first pair of tokens, and re-read from L1 by the other pairs right away (each pair
-//! prefetching its share of the next row's columns, so prefetches are issued all the time), so the weights cross the memory bus once whatever the batch (with the pairs
-//! outside the rows, a batch of 8 streamed every weight four times).
+//! prefetching its share of the next row's columns, so prefetches are issued all the time), so the weights
+//! cross the memory bus once whatever the batch (with the pairs outside the rows, a batch of 8 streamed every
+//! weight four times).
 void ternary_decode(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0, int64_t m1,
                     const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
-  const int64_t pairs = (m1 - m0 + 1) / 2, lines = (K + 63) / 64;
+  const int64_t pairs = (m1 - m0 + 1) / 2;
   for (int64_t p = p0; p < p1; ++p) {
     const char* ahead = reinterpret_cast<const char*>(rows_ahead(packed, p + 1, 1, p1, K));
     for (int64_t j = 0; j < pairs; ++j) {
-      const int64_t m = m0 + 2 * j, k0 = lines * j / pairs * 64, k1 = lines * (j + 1) / pairs * 64;
+      const int64_t m = m0 + 2 * j;
+      const int64_t k0 = prefetch_share_begin(K, j, pairs), k1 = prefetch_share_begin(K, j + 1, pairs);
       if (m + 2 <= m1) ternary_decode_row<2>(x_q, lda, x_sum, K, m, packed, P, p, ahead, k0, k1, out);
       else ternary_decode_row<1>(x_q, lda, x_sum, K, m, packed, P, p, ahead, k0, k1, out);
     }
@@ -348,12 +350,13 @@ inline void int8_decode_rows(const int8_t* x_q, int64_t lda, int64_t K, int64_t 
 //! right away (each token pair prefetching its share of the next rows' columns).
 void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, int64_t m1, const int8_t* w, int64_t n0,
                  int64_t n1, const OutputSpec& out) {
-  const int64_t pairs = (m1 - m0 + 1) / 2, lines = (K + 63) / 64;
+  const int64_t pairs = (m1 - m0 + 1) / 2;
   for (int64_t n = n0; n < n1;) {
     const int nr = n + 2 <= n1 ? 2 : 1;
     const int8_t* ahead = rows_ahead(w, n + nr, nr, n1, K);
     for (int64_t j = 0; j < pairs; ++j) {
-      const int64_t m = m0 + 2 * j, k0 = lines * j / pairs * 64, k1 = lines * (j + 1) / pairs * 64;
+      const int64_t m = m0 + 2 * j;
+      const int64_t k0 = prefetch_share_begin(K, j, pairs), k1 = prefetch_share_begin(K, j + 1, pairs);
       if (m + 2 <= m1) {
         if (nr == 2) int8_decode_rows<2, 2>(x_q, lda, K, m, w, n, out, ahead, k0, k1);
         else int8_decode_rows<2, 1>(x_q, lda, K, m, w, n, out, ahead, k0, k1);

@@ -184,8 +184,9 @@ inline __m128i reduce4(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
   return _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
 }
 
-template <int I>
-inline __m512i pick(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+//! The I-th of four values (vectors or masks) held in named variables.
+template <int I, typename T>
+inline T pick(T v0, T v1, T v2, T v3) {
   if constexpr (I == 0) return v0;
   else if constexpr (I == 1) return v1;
   else if constexpr (I == 2) return v2;
@@ -202,7 +203,7 @@ inline __mmask64 block_mask64(int64_t n) { return n <= 0 ? __mmask64(0) : tail_m
 #define BN_DECL_ACC(q) __m512i acc##q##_0 = zero, acc##q##_1 = zero, acc##q##_2 = zero, acc##q##_3 = zero;
 #define BN_DECODE_STEP(q)                                                                          \
   if constexpr (q < MT * U) {                                                                      \
-    const __m512i xq = _mm512_maskz_loadu_epi8(pick_mask<q % U>(mask0, mask1, mask2, mask3),        \
+    const __m512i xq = _mm512_maskz_loadu_epi8(pick<q % U>(mask0, mask1, mask2, mask3),             \
                                                x_q + (m0 + q / U) * lda + k + 64 * (q % U));         \
     const __m512i b = pick<q % U>(b0, b1, b2, b3);                                                 \
     acc##q##_0 = dpbusd(acc##q##_0, _mm512_and_si512(b, m0x03), xq);                               \
@@ -221,22 +222,12 @@ inline __mmask64 block_mask64(int64_t n) { return n <= 0 ? __mmask64(0) : tail_m
     _mm_store_si128(reinterpret_cast<__m128i*>(slot_sums + (q / U) * 4 * kTernaryTileP), sums);     \
   }
 
-template <int I>
-inline __mmask64 pick_mask(__mmask64 m0, __mmask64 m1, __mmask64 m2, __mmask64 m3) {
-  if constexpr (I == 0) return m0;
-  else if constexpr (I == 1) return m1;
-  else if constexpr (I == 2) return m2;
-  else return m3;
-}
-
 //! Decode: MT <= 4 tokens (rows m0..m0+MT-1) against packed row `row` (16 accumulators). Stores the slot sums
 //! sum_k code_i[p, k] * x_q[m0 + t, k] (before the x_sum correction) at slot_sums[t * 4 * kTernaryTileP + i].
 //! next_row (or null): the row this thread streams next; each of its lines in columns [ahead_k0, ahead_k1) is
 //! prefetched into L2 at the same offset as the line being read now, so the prefetches run exactly one row
 //! ahead of the loads whatever K is (the L2 streamer alone keeps too few misses in flight: ~60% of the
 //! bandwidth). The token groups of a batch split the columns, so that prefetches are issued all the time.
-//! One row per call (also for one or two tokens): streaming from memory, four rows per call measured slower
-//! (6912 x 2560, 1 thread: 0.149 against 0.137 ms for one token, 0.188 against 0.141 ms for two).
 template <int MT>
 inline void ternary_decode_row(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, const uint8_t* row,
                                int32_t* slot_sums, const uint8_t* next_row, int64_t ahead_k0, int64_t ahead_k1) {
@@ -282,27 +273,35 @@ inline void ternary_decode_row_dyn(int mt, const int8_t* x_q, int64_t lda, int64
   }
 }
 
+//! The token groups of a decode call: M <= kDecodeMaxRows tokens in ceil(M / 4) groups of balanced sizes
+//! (5 -> 3 + 2, 8 -> 4 + 4), group g holding tokens [first[g], first[g] + size[g]) and prefetching columns
+//! [split[g], split[g + 1]) of the weight rows ahead (prefetch.h prefetch_share_begin).
+struct TokenGroups {
+  TokenGroups(int64_t M, int64_t K) : count(int((M + 3) / 4)) {
+    for (int g = 0, at = 0; g < count; ++g) {
+      size[g] = int(M / count + (g < M % count ? 1 : 0));
+      first[g] = at;
+      at += size[g];
+    }
+    for (int g = 0; g <= count; ++g) split[g] = prefetch_share_begin(K, g, count);
+  }
+  int count;
+  int size[kDecodeMaxRows], first[kDecodeMaxRows];
+  int64_t split[kDecodeMaxRows + 1];
+};
+
 //! Decode of the M = m1 - m0 <= kDecodeMaxRows tokens against the np <= kTernaryTileP packed rows
 //! [pc, pc + np). The tokens form ceil(M / 4) groups of balanced sizes (5 -> 3 + 2, 8 -> 4 + 4). Each packed
 //! row is streamed from memory once, by the first token group, and re-read from L1 by the other groups right
 //! away; every group prefetches its share of the next row's columns, so the memory stream never pauses while
 //! later groups compute (with the token groups outside the rows it stopped for every group after the first:
-//! at B = 8 a step took the memory time plus the compute time of the second group). The slot sums of the whole chunk are
-//! collected first, then written 16 output columns at a time through the vector epilogue.
+//! at B = 8 a step took the memory time plus the compute time of the second group). The slot sums of the whole
+//! chunk are collected first, then written 16 output columns at a time through the vector epilogue.
 void ternary_decode_chunk(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0, int64_t m1,
                           const uint8_t* packed, int64_t P, int64_t pc, int64_t np, int64_t p_end,
                           const OutputSpec& out) {
   const int64_t M = m1 - m0;
-  const int groups = int((M + 3) / 4);
-  int size[kDecodeMaxRows], first[kDecodeMaxRows];
-  for (int g = 0, at = 0; g < groups; ++g) {
-    size[g] = int(M / groups + (g < M % groups ? 1 : 0));
-    first[g] = at;
-    at += size[g];
-  }
-  // Group g prefetches columns [split[g], split[g + 1]) of the next row group (multiples of 64).
-  int64_t split[kDecodeMaxRows + 1];
-  for (int g = 0; g <= groups; ++g) split[g] = (K + 63) / 64 * g / groups * 64;
+  const TokenGroups groups(M, K);
   // One packed row per call, also for one or two tokens: measured on a 6912 x 2560 weight streamed from memory
   // (1 thread, AVX-512), 0.137 ms for one token against 0.149 with four rows per call, and 0.141 ms for two
   // tokens against 0.188 with two rows per call (more rows per call stream more pages at once, and prefetch less
@@ -310,9 +309,10 @@ void ternary_decode_chunk(const int8_t* x_q, int64_t lda, const int32_t* x_sum, 
   alignas(64) int32_t slot_sums[kDecodeMaxRows * 4 * kTernaryTileP];
   for (int64_t r = 0; r < np; ++r) {
     const uint8_t* next = rows_ahead(packed, pc + r + 1, 1, p_end, K);
-    for (int g = 0; g < groups; ++g)
-      ternary_decode_row_dyn(size[g], x_q, lda, K, m0 + first[g], packed + (pc + r) * K,
-                             slot_sums + first[g] * 4 * kTernaryTileP + r * 4, next, split[g], split[g + 1]);
+    for (int g = 0; g < groups.count; ++g)
+      ternary_decode_row_dyn(groups.size[g], x_q, lda, K, m0 + groups.first[g], packed + (pc + r) * K,
+                             slot_sums + groups.first[g] * 4 * kTernaryTileP + r * 4, next, groups.split[g],
+                             groups.split[g + 1]);
   }
   const __mmask16 mask = tail_mask16(np);
   const __m512i rows = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
@@ -418,7 +418,8 @@ void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t 
                   const uint8_t* packed, int64_t P, int64_t p0, int64_t p1, const OutputSpec& out) {
   if (m1 - m0 <= kDecodeMaxRows) {
     for (int64_t pc = p0; pc < p1; pc += kTernaryTileP)
-      ternary_decode_chunk(x_q, lda, x_sum, K, m0, m1, packed, P, pc, std::min<int64_t>(kTernaryTileP, p1 - pc), p1, out);
+      ternary_decode_chunk(x_q, lda, x_sum, K, m0, m1, packed, P, pc, std::min<int64_t>(kTernaryTileP, p1 - pc), p1,
+                           out);
     return;
   }
   const int64_t KG = (K + 3) / 4;
@@ -533,25 +534,18 @@ constexpr int64_t kInt8DecodeBlock = 16;
 void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, int64_t m1, const int8_t* w, int64_t n0,
                  int64_t n1, const OutputSpec& out) {
   const int64_t M = m1 - m0;
-  const int groups = int((M + 3) / 4);
-  int size[kDecodeMaxRows], first[kDecodeMaxRows];
-  for (int g = 0, at = 0; g < groups; ++g) {
-    size[g] = int(M / groups + (g < M % groups ? 1 : 0));
-    first[g] = at;
-    at += size[g];
-  }
-  int64_t split[kDecodeMaxRows + 1];  // group g prefetches columns [split[g], split[g + 1]) of the rows ahead
-  for (int g = 0; g <= groups; ++g) split[g] = (K + 63) / 64 * g / groups * 64;
+  const TokenGroups groups(M, K);
   // Blocks only when the activations of all tokens outgrow a share of L1 (measured, 2B-4T head, 1 thread: 16
   // tokens 9% faster with blocks, 8 tokens 4% slower).
-  const int64_t block = groups > 1 && M * K > 24 * 1024 ? kInt8DecodeBlock : 1;
+  const int64_t block = groups.count > 1 && M * K > 24 * 1024 ? kInt8DecodeBlock : 1;
   int32_t correction[kInt8DecodeBlock];
   for (int64_t nb = n0; nb < n1; nb += block) {
     const int64_t ne = std::min(n1, nb + block);
-    for (int g = 0; g < groups; ++g)
+    for (int g = 0; g < groups.count; ++g)
       for (int64_t n = nb; n < ne; ++n)
-        int8_decode_row_dyn(size[g], g == 0, x_q, lda, K, m0 + first[g], w, n, out, &correction[n - nb],
-                            rows_ahead(w, n + block, 1, n1, K), split[g], split[g + 1]);
+        int8_decode_row_dyn(groups.size[g], g == 0, x_q, lda, K, m0 + groups.first[g], w, n, out,
+                            &correction[n - nb], rows_ahead(w, n + block, 1, n1, K), groups.split[g],
+                            groups.split[g + 1]);
   }
 }
 
@@ -649,14 +643,16 @@ inline __m128 reduce4_ps(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
   const __m512 t2 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
-  const __m256 u = _mm256_add_ps(_mm512_castps512_ps256(t2), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t2), 1)));
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t2), 1));
+  const __m256 u = _mm256_add_ps(_mm512_castps512_ps256(t2), high);
   return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
 //! 16 cache values from column c of row j (bf16 widened) as fp32.
 inline __m512 cache16(const void* rows, bool bf16, int64_t j, int64_t D, int64_t c) {
   if (bf16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(rows) + j * D + c));
+    const uint16_t* at = static_cast<const uint16_t*>(rows) + j * D + c;
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
   return _mm512_loadu_ps(static_cast<const float*>(rows) + j * D + c);

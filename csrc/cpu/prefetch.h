@@ -17,4 +17,11 @@ inline const T* rows_ahead(const T* base, int64_t first, int64_t rows, int64_t e
   return first + rows <= end ? base + first * stride : nullptr;
 }
 
+//! First column (a multiple of 64, one cache line of int8 / packed bytes) of part `part` of `parts` equal shares
+//! of a K-column row: the decode kernels let each group of tokens that re-reads a row prefetch one share of the
+//! next row's lines, so that prefetches are issued all the time (part == parts gives the end, >= K).
+inline int64_t prefetch_share_begin(int64_t K, int64_t part, int64_t parts) {
+  return (K + 63) / 64 * part / parts * 64;
+}
+
 }  // namespace bitnet_cpu

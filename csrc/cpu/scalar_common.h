@@ -35,11 +35,12 @@ inline float bits_float(uint32_t u) {
 
 inline float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 
-//! Round-to-nearest-even fp32 -> bf16 (NaN -> canonical quiet NaN), as c10::BFloat16.
+//! Round-to-nearest-even fp32 -> bf16 (NaN -> canonical quiet NaN), as c10::BFloat16. Branch-free (a select for
+//! NaN), so loops over it vectorise (the decode engine's element-wise steps round every value).
 inline uint16_t float_to_bf16(float f) {
-  if (std::isnan(f)) return 0x7FC0;
   const uint32_t u = float_bits(f);
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const uint16_t rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? uint16_t(0x7FC0) : rounded;
 }
 
 //! IEEE half -> fp32, exact (as c10::detail::fp16_ieee_to_fp32_value).
