@@ -31,7 +31,8 @@ the numbers are defined by :mod:`bitnet_torch._reference_ops`):
     (inference only). CUDA tensors use the reference.
 ``rms_norm(Tensor x, Tensor weight, float eps) -> Tensor``
     BitNet's RMSNorm, ``weight * (x32 * rsqrt(mean(x32**2) + eps)).to(x.dtype)`` (Transformers'
-    ``BitNetRMSNorm``), in one pass per row; equal to that composite up to the order of the fp32 sum of squares.
+    ``BitNetRMSNorm``), in one pass per row; equal to that composite up to its sum of squares, which the op
+    accumulates in double (the fp32 squares, rounded once) where torch sums in fp32 in another order.
     No autograd formula (inference only). CUDA tensors use the reference.
 ``rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)``
     Transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (q/k ``[B, H, L, D]``, cos/sin ``[B|1, L, D]``, one

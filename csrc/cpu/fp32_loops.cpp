@@ -4,10 +4,13 @@
 namespace bitnet_cpu {
 
 BITNET_ISA_CLONES float sum_squares(const float* v, int64_t n) {
-  float sum = 0.f;
+  double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += v[i] * v[i];
-  return sum;
+  for (int64_t i = 0; i < n; ++i) {
+    const float square = v[i] * v[i];  // as x.pow(2) in fp32
+    sum += double(square);
+  }
+  return float(sum);
 }
 
 }  // namespace bitnet_cpu
