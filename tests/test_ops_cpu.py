@@ -104,6 +104,12 @@ TERNARY_SHAPES = [  # (M, K, N): awkward K (not a multiple of 4 / 64), N = 4, 12
     (17, 4, 12),
     (128, 100, 4),
     (1, 2560, 6912),
+    # prefill tiles of 16 packed rows: a full first half (8 rows, transposed 8 dword groups at a time) with K off
+    # the 32-byte blocks, partial second halves, and every remainder of the 4-token micro-kernel (M % 4 = 1, 2, 3)
+    (18, 100, 64),
+    (19, 37, 52),
+    (22, 300, 200),
+    (33, 129, 36),
 ]
 
 

@@ -290,12 +290,19 @@ struct TokenGroups {
   int64_t split[kDecodeMaxRows + 1];
 };
 
+//! How far ahead the decode loops prefetch, in bytes of weight rows (whole rows, at least one). Measured on Zen 5
+//! (AVX-512, weights streamed from memory, 1 thread): one row ahead kept too few lines in flight on the 2B-4T
+//! shapes; the int8 lm_head (2560-byte rows) went from 32-35 to 41-43 GB/s with three rows ahead, the ternary
+//! 6912 x 2560 weight from 33-36 to 36-38 GB/s with two; at 2 threads both stay at 44-51 GB/s.
+constexpr int64_t kTernaryAheadBytes = 5120;
+constexpr int64_t kInt8AheadBytes = 7680;
+
 //! Decode of the M = m1 - m0 <= kDecodeMaxRows tokens against the np <= kTernaryTileP packed rows
 //! [pc, pc + np). The tokens form ceil(M / 4) groups of balanced sizes (5 -> 3 + 2, 8 -> 4 + 4). Each packed
 //! row is streamed from memory once, by the first token group, and re-read from L1 by the other groups right
-//! away; every group prefetches its share of the next row's columns, so the memory stream never pauses while
-//! later groups compute (with the token groups outside the rows it stopped for every group after the first:
-//! at B = 8 a step took the memory time plus the compute time of the second group). The slot sums of the whole
+//! away; every group prefetches its share of a later row's columns (kTernaryAheadBytes ahead), so the memory
+//! stream never pauses while later groups compute (with the token groups outside the rows it stopped for every
+//! group after the first: at B = 8 a step took the memory time plus the compute time of the second group). The slot sums of the whole
 //! chunk are collected first, then written 16 output columns at a time through the vector epilogue.
 void ternary_decode_chunk(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t K, int64_t m0, int64_t m1,
                           const uint8_t* packed, int64_t P, int64_t pc, int64_t np, int64_t p_end,
@@ -307,8 +314,9 @@ void ternary_decode_chunk(const int8_t* x_q, int64_t lda, const int32_t* x_sum, 
   // tokens against 0.188 with two rows per call (more rows per call stream more pages at once, and prefetch less
   // far ahead in time).
   alignas(64) int32_t slot_sums[kDecodeMaxRows * 4 * kTernaryTileP];
+  const int64_t ahead_rows = prefetch_rows_ahead(K, kTernaryAheadBytes);
   for (int64_t r = 0; r < np; ++r) {
-    const uint8_t* next = rows_ahead(packed, pc + r + 1, 1, p_end, K);
+    const uint8_t* next = rows_ahead(packed, pc + r + ahead_rows, 1, p_end, K);
     for (int g = 0; g < groups.count; ++g)
       ternary_decode_row_dyn(groups.size[g], x_q, lda, K, m0 + groups.first[g], packed + (pc + r) * K,
                              slot_sums + groups.first[g] * 4 * kTernaryTileP + r * 4, next, groups.split[g],
@@ -448,10 +456,10 @@ void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t 
 // Named accumulators: acc<u>_<t> covers token t and the column block k + 64 u of each step of 64 U columns;
 // wsum<u> the same blocks of sum_k w[n, k] (a vpdpbusd against ones).
 #define BN_I8_ACC(u) __m512i wsum##u = zero, acc##u##_0 = zero, acc##u##_1 = zero, acc##u##_2 = zero, acc##u##_3 = zero;
-#define BN_I8_STEP(u)                                                                                   \
+#define BN_I8_STEP(u, FULL)                                                                             \
   if constexpr (U > u) {                                                                                \
     const int64_t kk = k + 64 * u;                                                                      \
-    const __mmask64 mask = block_mask64(K - kk);                                                        \
+    const __mmask64 mask = FULL ? ~__mmask64(0) : block_mask64(K - kk);                                 \
     if (ahead != nullptr && kk >= ahead_k0 && kk < ahead_k1) _mm_prefetch(ahead + kk, _MM_HINT_T1);     \
     const __m512i wv = _mm512_maskz_loadu_epi8(mask, row + kk);                                         \
     if constexpr (WSUM) wsum##u = dpbusd(wsum##u, ones, wv);                                            \
@@ -474,8 +482,8 @@ void ternary_gemm(const int8_t* x_q, int64_t lda, const int32_t* x_sum, int64_t 
 //! the correction 128 * sum_k w[n, k] comes from a vpdpbusd against ones in the same pass (WSUM, stored at
 //! *correction) or, for a later token group of the same row, from *correction. The columns are unrolled
 //! (U = 4 / MT, at least 2) for enough independent vpdpbusd chains.
-//! next_row (or null): the row this thread streams next, whose columns [ahead_k0, ahead_k1) are prefetched into
-//! L2 at the offset being read now (one row ahead whatever K is, as in the ternary decode). One row per call:
+//! next_row (or null): a row this thread streams later (kInt8AheadBytes ahead), whose columns [ahead_k0, ahead_k1)
+//! are prefetched into L2 at the offset being read now. One row per call:
 //! measured on the 2B-4T lm_head (128256 x 2560 int8, 1 thread, AVX-512) one row at a time streams at 40 GB/s,
 //! four (one token) or two (three or four tokens) at 24 GB/s.
 template <int MT, bool WSUM>
@@ -489,8 +497,14 @@ inline void int8_decode_row(const int8_t* x_q, int64_t lda, int64_t K, int64_t m
   const char* ahead = reinterpret_cast<const char*>(next_row);
   const int8_t* row = w + n * K;
   const int8_t* x = x_q + m0 * lda;
-  for (int64_t k = 0; k < K; k += 64 * U) {
-    BN_I8_STEP(0) BN_I8_STEP(1) BN_I8_STEP(2) BN_I8_STEP(3)
+  // Whole steps with plain loads; masked loads (and their per-step masks) only for the last, partial one. With a
+  // mask per step the 2B-4T head ran at 37 GB/s even from L3 (1 thread, one token), without at 63 GB/s.
+  int64_t k = 0;
+  for (; k + 64 * U <= K; k += 64 * U) {
+    BN_I8_STEP(0, true) BN_I8_STEP(1, true) BN_I8_STEP(2, true) BN_I8_STEP(3, true)
+  }
+  if (k < K) {
+    BN_I8_STEP(0, false) BN_I8_STEP(1, false) BN_I8_STEP(2, false) BN_I8_STEP(3, false)
   }
   if constexpr (U == 4) {
     BN_I8_FOLD(0, 1) BN_I8_FOLD(2, 3) BN_I8_FOLD(0, 2)
@@ -539,12 +553,13 @@ void int8_decode(const int8_t* x_q, int64_t lda, int64_t K, int64_t m0, int64_t 
   // tokens 9% faster with blocks, 8 tokens 4% slower).
   const int64_t block = groups.count > 1 && M * K > 24 * 1024 ? kInt8DecodeBlock : 1;
   int32_t correction[kInt8DecodeBlock];
+  const int64_t ahead = block * prefetch_rows_ahead(block * K, kInt8AheadBytes);
   for (int64_t nb = n0; nb < n1; nb += block) {
     const int64_t ne = std::min(n1, nb + block);
     for (int g = 0; g < groups.count; ++g)
       for (int64_t n = nb; n < ne; ++n)
         int8_decode_row_dyn(groups.size[g], g == 0, x_q, lda, K, m0 + groups.first[g], w, n, out,
-                            &correction[n - nb], rows_ahead(w, n + block, 1, n1, K), groups.split[g],
+                            &correction[n - nb], rows_ahead(w, n + ahead, 1, n1, K), groups.split[g],
                             groups.split[g + 1]);
   }
 }

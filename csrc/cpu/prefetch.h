@@ -17,6 +17,12 @@ inline const T* rows_ahead(const T* base, int64_t first, int64_t rows, int64_t e
   return first + rows <= end ? base + first * stride : nullptr;
 }
 
+//! Number of rows of `stride` bytes that cover `bytes` (at least one): how many rows ahead of the one being read
+//! a decode loop prefetches, so that about `bytes` are in flight whatever the row length.
+inline int64_t prefetch_rows_ahead(int64_t stride, int64_t bytes) {
+  return stride <= 0 || stride >= bytes ? 1 : (bytes + stride - 1) / stride;
+}
+
 //! First column (a multiple of 64, one cache line of int8 / packed bytes) of part `part` of `parts` equal shares
 //! of a K-column row: the decode kernels let each group of tokens that re-reads a row prefetch one share of the
 //! next row's lines, so that prefetches are issued all the time (part == parts gives the end, >= K).
