@@ -46,7 +46,8 @@ def _model(dtype=torch.float32, seed=0, int8=False, **shape) -> BitNetForCausalL
 
 
 # Random odd shapes: (heads, kv_heads, head_dim) gives GQA ratios 1, 4, 5 and head_dim 64 / 128; head_dim 48
-# (AVX-512 attention: a last block of one vector) and 40 (not a multiple of 16: the portable attention loops).
+# (AVX-512 attention: a last block of one vector) and 40 (not a multiple of 16: the portable attention loops on
+# every ISA).
 SHAPES = {
     "gqa1_d64": dict(heads=2, kv_heads=2, hidden=128, intermediate=196, vocab=1001),
     "gqa4_d128": dict(heads=4, kv_heads=1, hidden=512, intermediate=260, vocab=517),
@@ -223,9 +224,9 @@ def test_every_instruction_set_gives_the_same_logits():
     finally:
         _backend.set_cpu_isa(before)
     # Projections, norms and rotary are exact or the same code on every ISA; attention's fp32 sums are the
-    # portable loops on scalar / avx2 and the AVX-512 loops on avx512 / amx (another order, with fma): equal
-    # within a family, within float rounding across them.
-    families = {"scalar": "portable", "avx2": "portable", "avx512": "avx512", "amx": "avx512"}
+    # portable loops on scalar, the AVX2 loops (8 lanes, no fma) on avx2 and the AVX-512 loops (16 lanes, fma)
+    # on avx512 / amx, each in another order: equal within a family, within float rounding across them.
+    families = {"scalar": "portable", "avx2": "avx2", "avx512": "avx512", "amx": "avx512"}
     reference = {}
     for isa, logits in results.items():
         family = families[isa]
