@@ -183,6 +183,32 @@ def test_batched_equals_one_by_one_bitwise(dtype):
             assert torch.equal(a, b), f"sequence {i}"
 
 
+@pytest.mark.skipif(NO_EXT, reason="the compiled engine's threads")
+def test_any_thread_count_gives_the_same_logits_bitwise():
+    """Every output of a step is computed by one thread with the same arithmetic whichever thread it is (the
+    projections' and the head's chunks are shared with stealing): 1..5 threads give identical logits. More
+    threads than cores make threads lose their core mid-phase, so chunks really are stolen."""
+    model = _model(dtype=torch.bfloat16, int8=True, **SHAPES["gqa4_d128"])
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 2, 9)]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            engine = DecodeEngine(model, 3, 32)
+            slots = [engine.allocate() for _ in prompts]
+            steps = [torch.stack([engine.prefill(s, p) for s, p in zip(slots, prompts)])]
+            for _ in range(6):
+                steps.append(engine.decode(slots, steps[-1].argmax(-1).tolist()))
+            results.append(steps)
+    finally:
+        torch.set_num_threads(before)
+    for steps in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(steps, results[0]))
+
+
 def test_chunked_prefill_equals_one_prefill():
     """On the engine op, chunking changes nothing (bitwise); a long prompt into an empty slot goes through the
     model's forward (keys/values handed over): the same numbers within the stated bound, decoding continues."""

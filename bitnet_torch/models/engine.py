@@ -35,6 +35,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .. import ops
+from .._memory import release_freed_memory
 from ..nn import FastLinear, Int8Embedding, Int8Linear, PackedBitLinear, RMSNorm
 
 __all__ = ["DecodeEngine", "EngineCache", "engine_supported", "engine_generate_kwargs", "decode_path", "ENGINE_ENV"]
@@ -223,6 +224,9 @@ class DecodeEngine:
         self._v_cache = torch.empty(shape, dtype=self.dtype)
         self._lengths = [0] * max_batch_size
         self._allocated = [False] * max_batch_size
+        # The conversions before this (packing, int8 head/embedding) leave freed temporaries in glibc's heap,
+        # counted in the resident set while decoding: give them back.
+        release_freed_memory()
 
     # -- slots ---------------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@
 #include "float_gemv.h"
 #include "fp32_loops.h"
 #include "scalar_common.h"
+#include "work_sharing.h"
 
 namespace bitnet_cpu {
 namespace {
@@ -233,20 +234,22 @@ struct Member {
 
 int64_t chunks_of(const Member& m) { return (m.P + kTernaryTileP - 1) / kTernaryTileP; }
 
-//! This thread's share [c0, c1) of the chunks (kTernaryTileP packed rows) of all members, concatenated.
-void thread_chunks(const Member* members, int G, int tid, int nth, int64_t* c0, int64_t* c1) {
+int64_t total_chunks(const Member* members, int G) {
   int64_t total = 0;
   for (int g = 0; g < G; ++g) total += chunks_of(members[g]);
+  return total;
+}
+
+//! This thread's static share [c0, c1) of the chunks (kTernaryTileP packed rows) of all members, concatenated.
+void thread_chunks(const Member* members, int G, int tid, int nth, int64_t* c0, int64_t* c1) {
+  const int64_t total = total_chunks(members, G);
   *c0 = total * tid / nth;
   *c1 = total * (tid + 1) / nth;
 }
 
-//! The projections of one input, this thread's chunks: like bitnet::ternary_linear_group's decode pass, but
-//! inside the caller's parallel region.
-void gemv_phase(const KernelTable& kt, const Member* members, int G, const int8_t* x_q, int64_t lda,
-                const int32_t* x_sum, int64_t R, int tid, int nth) {
-  int64_t c0, c1;
-  thread_chunks(members, G, tid, nth, &c0, &c1);
+//! The chunks [c0, c1) of a GEMV phase's members, concatenated, computed for the R rows of x_q.
+void gemv_chunks(const KernelTable& kt, const Member* members, int G, const int8_t* x_q, int64_t lda,
+                 const int32_t* x_sum, int64_t R, int64_t c0, int64_t c1) {
   int64_t first = 0;
   for (int g = 0; g < G && c0 < c1; ++g) {
     const Member& m = members[g];
@@ -256,6 +259,47 @@ void gemv_phase(const KernelTable& kt, const Member* members, int G, const int8_
       kt.ternary_gemm(x_q, lda, x_sum, m.K, 0, R, m.packed, m.P, (lo - first) * kTernaryTileP,
                       std::min(m.P, (hi - first) * kTernaryTileP), m.spec);
     first += n;
+  }
+}
+
+//! Prefetch into L2 the first `bytes` of chunk c of a GEMV phase (nothing past the end of its member).
+void prefetch_chunk(const Member* members, int G, int64_t c, int64_t bytes) {
+  int64_t first = 0;
+  for (int g = 0; g < G; ++g) {
+    const Member& m = members[g];
+    const int64_t n = chunks_of(m);
+    if (c < first + n) {
+      const int64_t p0 = (c - first) * kTernaryTileP;
+      const char* base = reinterpret_cast<const char*>(m.packed + p0 * m.K);
+      const int64_t len = std::min(bytes, (m.P - p0) * m.K);
+      for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(base + off, 0, 2);
+      return;
+    }
+    first += n;
+  }
+}
+
+//! Chunks a thread takes from its own share at a time: one kernel call, whose rows prefetch each other.
+constexpr int64_t kOwnChunksPerTake = 4;
+//! Bytes of its next take a thread prefetches before it computes the current one (the kernels prefetch a few
+//! rows ahead, but not past the end of their call).
+constexpr int64_t kNextTakePrefetchBytes = 8 * 1024;
+
+//! The projections of one input (GEMV phase number `phase` of the step), inside the caller's parallel region:
+//! this thread's share, then whatever is left of the others' (work_sharing.h). Like
+//! bitnet::ternary_linear_group's decode pass.
+void gemv_phase(const KernelTable& kt, const Member* members, int G, const int8_t* x_q, int64_t lda,
+                const int32_t* x_sum, int64_t R, int tid, PhaseQueues& queues, uint32_t phase) {
+  const int64_t total = total_chunks(members, G);
+  const int64_t share_end = queues.share_end(tid, total);
+  int64_t c0, c1;
+  while (queues.take_front(tid, phase, total, kOwnChunksPerTake, &c0, &c1)) {
+    if (c1 < share_end) prefetch_chunk(members, G, c1, kNextTakePrefetchBytes);
+    gemv_chunks(kt, members, G, x_q, lda, x_sum, R, c0, c1);
+  }
+  for (int i = 1; i < queues.threads(); ++i) {
+    const int victim = (tid + i) % queues.threads();
+    while (queues.take_back(victim, phase, total, &c0)) gemv_chunks(kt, members, G, x_q, lda, x_sum, R, c0, c0 + 1);
   }
 }
 
@@ -354,10 +398,14 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
   const bool simd_attention = kt.attention_scores != nullptr && kt.attention_values != nullptr && D % 16 == 0;
   // Bytes each thread prefetches of its next projection while waiting (a few row groups of the kernels).
   constexpr int64_t kPrefetchBytes = 32 * 1024;
+  // The GEMV phases' chunks, shared among the threads (work_sharing.h); phases numbered from 1 in every thread.
+  PhaseQueues queues(threads);
 
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    if (tid == 0) queues.set_threads(nth);  // before the first barrier; OpenMP may give fewer than asked
+    uint32_t phase = 0;
     std::vector<float> tmp(size_t(std::max<int64_t>(D, 1)) * 2);
     std::vector<float> scores;
     std::vector<float> acc(static_cast<size_t>(G * D)), total(static_cast<size_t>(G));
@@ -391,7 +439,7 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
     for (int64_t l = 0; l < d.layers; ++l) {
       const Member* m = &members[size_t(l) * 7];
       // q / k / v
-      gemv_phase(kt, m, 3, x_q.get(), lda, x_sum.get(), R, tid, nth);
+      gemv_phase(kt, m, 3, x_q.get(), lda, x_sum.get(), R, tid, queues, ++phase);
       prefetch_phase(m + 3, 1, tid, nth, kPrefetchBytes);
 #pragma omp barrier
       // rotary, then K / V into the cache
@@ -471,7 +519,7 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
         quantize_row(kt, xn.get() + r * H, Hq * D, x_q.get(), lda, x_scale.get(), x_sum.get(), r);
       });
 #pragma omp barrier
-      gemv_phase(kt, m + 3, 1, x_q.get(), lda, x_sum.get(), R, tid, nth);
+      gemv_phase(kt, m + 3, 1, x_q.get(), lda, x_sum.get(), R, tid, queues, ++phase);
       prefetch_phase(m + 4, 2, tid, nth, kPrefetchBytes);
 #pragma omp barrier
       rows_of([&](int64_t r) {
@@ -482,7 +530,7 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
         quantize_row(kt, xn.get() + r * H, H, x_q.get(), lda, x_scale.get(), x_sum.get(), r);
       });
 #pragma omp barrier
-      gemv_phase(kt, m + 4, 2, x_q.get(), lda, x_sum.get(), R, tid, nth);
+      gemv_phase(kt, m + 4, 2, x_q.get(), lda, x_sum.get(), R, tid, queues, ++phase);
       prefetch_phase(m + 6, 1, tid, nth, kPrefetchBytes);
 #pragma omp barrier
       rows_of([&](int64_t r) {
@@ -495,7 +543,7 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
         quantize_row(kt, a, I, x_q.get(), lda, x_scale.get(), x_sum.get(), r);
       });
 #pragma omp barrier
-      gemv_phase(kt, m + 6, 1, x_q.get(), lda, x_sum.get(), R, tid, nth);
+      gemv_phase(kt, m + 6, 1, x_q.get(), lda, x_sum.get(), R, tid, queues, ++phase);
       if (l + 1 < d.layers) prefetch_phase(m + 7, 3, tid, nth, kPrefetchBytes);
 #pragma omp barrier
       rows_of([&](int64_t r) {
@@ -520,10 +568,11 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
     }
 #pragma omp barrier
     if (NL > 0) {
-      // The head's rows split over the threads in blocks of 64.
+      // The head's rows in blocks of 64, shared like the projections' chunks.
       const int64_t V = d.vocab, blocks = (V + 63) / 64;
-      const int64_t n0 = std::min(V, blocks * tid / nth * 64), n1 = std::min(V, blocks * (tid + 1) / nth * 64);
-      if (n0 < n1) {
+      const size_t head_row_bytes = size_t(H) * (w.head_kind == HeadKind::Int8 ? 1 : w.head_kind == HeadKind::BF16 ? 2 : 4);
+      auto head_blocks = [&](int64_t c0, int64_t c1) {
+        const int64_t n0 = std::min(V, c0 * 64), n1 = std::min(V, c1 * 64);
         if (w.head_kind == HeadKind::Int8) {
           OutputSpec s = spec_f32(b.logits, V, w.head_scale);
           s.w_scale_per_col = true;
@@ -541,6 +590,21 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
           float_gemv_rows(a, n0, n1);
         }
         for (int64_t i = 0; i < NL; ++i) round_row(act, b.logits + i * V + n0, n1 - n0);
+      };
+      const uint32_t head_phase = ++phase;
+      const int64_t share_end = queues.share_end(tid, blocks);
+      int64_t c0, c1;
+      while (queues.take_front(tid, head_phase, blocks, kOwnChunksPerTake, &c0, &c1)) {
+        if (c1 < share_end) {
+          const char* next = static_cast<const char*>(w.head) + size_t(c1) * 64 * head_row_bytes;
+          const size_t len = std::min<size_t>(kNextTakePrefetchBytes, size_t(std::min(V, c1 * 64 + 64) - c1 * 64) * head_row_bytes);
+          for (size_t off = 0; off < len; off += 64) __builtin_prefetch(next + off, 0, 2);
+        }
+        head_blocks(c0, c1);
+      }
+      for (int i = 1; i < nth; ++i) {
+        const int victim = (tid + i) % nth;
+        while (queues.take_back(victim, head_phase, blocks, &c0)) head_blocks(c0, c0 + 1);
       }
     }
   }
