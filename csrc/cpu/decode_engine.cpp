@@ -262,22 +262,28 @@ void gemv_chunks(const KernelTable& kt, const Member* members, int G, const int8
   }
 }
 
-//! Prefetch into L2 the first `bytes` of chunk c of a GEMV phase (nothing past the end of its member).
-void prefetch_chunk(const Member* members, int G, int64_t c, int64_t bytes) {
+//! Prefetch into L2 the first `bytes` of chunk c of a GEMV phase, not past chunk c_end nor the end of c's member.
+void prefetch_chunks(const Member* members, int G, int64_t c, int64_t c_end, int64_t bytes) {
   int64_t first = 0;
   for (int g = 0; g < G; ++g) {
     const Member& m = members[g];
     const int64_t n = chunks_of(m);
     if (c < first + n) {
       const int64_t p0 = (c - first) * kTernaryTileP;
+      const int64_t p1 = std::min(m.P, (std::min(c_end, first + n) - first) * kTernaryTileP);
       const char* base = reinterpret_cast<const char*>(m.packed + p0 * m.K);
-      const int64_t len = std::min(bytes, (m.P - p0) * m.K);
+      const int64_t len = std::min(bytes, (p1 - p0) * m.K);
       for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(base + off, 0, 2);
       return;
     }
     first += n;
   }
 }
+
+// A phase's chunks fit PhaseQueues' 24-bit ranges: q/k/v (3 x hidden / 64 at most) and gate/up below
+// kMaxTernaryK (checked by the op), the head's blocks of 64 rows below kMaxEngineVocab (checked likewise).
+static_assert(3 * kMaxTernaryK / (4 * kTernaryTileP) <= PhaseQueues::kMaxChunks, "projection chunks overflow");
+static_assert(kMaxEngineVocab / 64 <= PhaseQueues::kMaxChunks, "head blocks overflow");
 
 //! Chunks a thread takes from its own share at a time: one kernel call, whose rows prefetch each other.
 constexpr int64_t kOwnChunksPerTake = 4;
@@ -290,17 +296,10 @@ constexpr int64_t kNextTakePrefetchBytes = 8 * 1024;
 //! bitnet::ternary_linear_group's decode pass.
 void gemv_phase(const KernelTable& kt, const Member* members, int G, const int8_t* x_q, int64_t lda,
                 const int32_t* x_sum, int64_t R, int tid, PhaseQueues& queues, uint32_t phase) {
-  const int64_t total = total_chunks(members, G);
-  const int64_t share_end = queues.share_end(tid, total);
-  int64_t c0, c1;
-  while (queues.take_front(tid, phase, total, kOwnChunksPerTake, &c0, &c1)) {
-    if (c1 < share_end) prefetch_chunk(members, G, c1, kNextTakePrefetchBytes);
-    gemv_chunks(kt, members, G, x_q, lda, x_sum, R, c0, c1);
-  }
-  for (int i = 1; i < queues.threads(); ++i) {
-    const int victim = (tid + i) % queues.threads();
-    while (queues.take_back(victim, phase, total, &c0)) gemv_chunks(kt, members, G, x_q, lda, x_sum, R, c0, c0 + 1);
-  }
+  queues.run_phase(
+      tid, phase, total_chunks(members, G), kOwnChunksPerTake,
+      [&](int64_t c0, int64_t c1) { gemv_chunks(kt, members, G, x_q, lda, x_sum, R, c0, c1); },
+      [&](int64_t c, int64_t end) { prefetch_chunks(members, G, c, end, kNextTakePrefetchBytes); });
 }
 
 //! Prefetch into L2 the first `bytes` of this thread's share of a GEMV phase (the next one, while this thread
@@ -308,20 +307,7 @@ void gemv_phase(const KernelTable& kt, const Member* members, int G, const int8_
 void prefetch_phase(const Member* members, int G, int tid, int nth, int64_t bytes) {
   int64_t c0, c1;
   thread_chunks(members, G, tid, nth, &c0, &c1);
-  int64_t first = 0;
-  for (int g = 0; g < G; ++g) {
-    const int64_t n = chunks_of(members[g]);
-    if (c0 < first + n) {
-      const Member& m = members[g];
-      const int64_t p0 = (c0 - first) * kTernaryTileP;
-      const int64_t avail = (std::min(m.P, (std::min(c1, first + n) - first) * kTernaryTileP) - p0) * m.K;
-      const char* base = reinterpret_cast<const char*>(m.packed + p0 * m.K);
-      const int64_t len = std::min(bytes, avail);
-      for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(base + off, 0, 2);
-      return;
-    }
-    first += n;
-  }
+  if (c0 < c1) prefetch_chunks(members, G, c0, c1, bytes);
 }
 
 //! Quantize row r of `x` (n values, fp32 holding model-dtype values) into x_q (zero padded to a multiple of 4).
@@ -591,21 +577,11 @@ void run_decode_step(const KernelTable& kt, const EngineDims& d, const EngineWei
         }
         for (int64_t i = 0; i < NL; ++i) round_row(act, b.logits + i * V + n0, n1 - n0);
       };
-      const uint32_t head_phase = ++phase;
-      const int64_t share_end = queues.share_end(tid, blocks);
-      int64_t c0, c1;
-      while (queues.take_front(tid, head_phase, blocks, kOwnChunksPerTake, &c0, &c1)) {
-        if (c1 < share_end) {
-          const char* next = static_cast<const char*>(w.head) + size_t(c1) * 64 * head_row_bytes;
-          const size_t len = std::min<size_t>(kNextTakePrefetchBytes, size_t(std::min(V, c1 * 64 + 64) - c1 * 64) * head_row_bytes);
-          for (size_t off = 0; off < len; off += 64) __builtin_prefetch(next + off, 0, 2);
-        }
-        head_blocks(c0, c1);
-      }
-      for (int i = 1; i < nth; ++i) {
-        const int victim = (tid + i) % nth;
-        while (queues.take_back(victim, head_phase, blocks, &c0)) head_blocks(c0, c0 + 1);
-      }
+      queues.run_phase(tid, ++phase, blocks, kOwnChunksPerTake, head_blocks, [&](int64_t c, int64_t) {
+        const char* next = static_cast<const char*>(w.head) + size_t(c) * 64 * head_row_bytes;
+        const size_t len = std::min<size_t>(kNextTakePrefetchBytes, size_t(std::min(V, c * 64 + 64) - c * 64) * head_row_bytes);
+        for (size_t off = 0; off < len; off += 64) __builtin_prefetch(next + off, 0, 2);
+      });
     }
   }
 }

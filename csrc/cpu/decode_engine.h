@@ -36,6 +36,10 @@
 
 namespace bitnet_cpu {
 
+//! Largest vocabulary the engine takes (its head is shared among the threads in blocks of 64 rows, whose count
+//! must fit work_sharing.h's 24-bit ranges).
+constexpr int64_t kMaxEngineVocab = int64_t(1) << 29;
+
 //! The architecture of the model the engine runs.
 struct EngineDims {
   int64_t layers = 0;        //!< L

@@ -90,6 +90,7 @@ at::Tensor decode_step(const at::Tensor& token_ids, const at::Tensor& positions,
   const int64_t H = d.hidden, I = d.intermediate, D = d.head_dim, V = d.vocab, T = d.max_positions;
   TORCH_CHECK_VALUE(H % 4 == 0, kOp, ": hidden must be a multiple of 4, got ", H);
   TORCH_CHECK_VALUE(H < kMaxTernaryK && I < kMaxTernaryK, kOp, ": hidden / intermediate too large");
+  TORCH_CHECK_VALUE(V <= kMaxEngineVocab, kOp, ": vocab (", V, ") is above the engine's ", kMaxEngineVocab);
   const at::ScalarType act = k_cache.scalar_type();
   check_tensor(v_cache, "v_cache", act, k_cache.sizes().vec());
   TORCH_CHECK_VALUE(k_cache.is_contiguous(), kOp, ": k_cache must be contiguous");

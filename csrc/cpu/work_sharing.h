@@ -13,7 +13,9 @@
 // and the phase it belongs to. The phases of a step are numbered 1, 2, ... in the same order by every thread;
 // a word still tagged with an earlier phase holds that phase's (exhausted) range, and whoever touches it first
 // in the new phase -- its owner or a thief that got there first -- installs the new phase's static share.
-// Barriers separate the phases, so a word is never ahead of the phase a thread is in.
+// Barriers separate the phases, so a word is never ahead of the phase a thread is in; and every phase rewrites
+// every word (its owner always takes from it), so a stale tag is always the previous phase's and 16 bits of tag
+// never alias.
 #pragma once
 
 #include <atomic>
@@ -38,6 +40,23 @@ class PhaseQueues {
   //! Static share of thread t.
   int64_t share_begin(int t, int64_t total) const { return total * t / threads_; }
   int64_t share_end(int t, int64_t total) const { return total * (t + 1) / threads_; }
+
+  //! Thread t's part of phase `phase` (`total` chunks): its own share, `per_take` chunks at a time, then single
+  //! chunks of the others' shares. run(c0, c1) computes chunks [c0, c1); before each take of its own share is
+  //! computed, prefetch(c, end) is given the first chunk c of the next take and the share's end (c < end).
+  template <class Run, class Prefetch>
+  void run_phase(int t, uint32_t phase, int64_t total, int64_t per_take, Run&& run, Prefetch&& prefetch) {
+    const int64_t end = share_end(t, total);
+    int64_t c0, c1;
+    while (take_front(t, phase, total, per_take, &c0, &c1)) {
+      if (c1 < end) prefetch(c1, end);
+      run(c0, c1);
+    }
+    for (int i = 1; i < threads_; ++i) {
+      const int victim = (t + i) % threads_;
+      while (take_back(victim, phase, total, &c0)) run(c0, c0 + 1);
+    }
+  }
 
   //! Thread t's next chunks [*c0, *c1) (at most n, from the front of its own share); false when none are left.
   bool take_front(int t, uint32_t phase, int64_t total, int64_t n, int64_t* c0, int64_t* c1) {

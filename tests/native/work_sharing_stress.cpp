@@ -1,5 +1,6 @@
 // Stress test of csrc/cpu/work_sharing.h (built and run by tests/test_work_sharing.py): many threads, many
-// phases of random sizes, random delays; every chunk of every phase must be taken exactly once.
+// phases of random sizes, random delays; every chunk of every phase must be taken exactly once, and every chunk
+// given to the prefetch callback must lie in the thread's own share.
 #include <omp.h>
 
 #include <atomic>
@@ -36,11 +37,15 @@ int main(int argc, char** argv) {
     for (int p = 1; p <= phases; ++p) {
       const int64_t total = totals[size_t(p)];
       const uint32_t phase = uint32_t(p);
-      int64_t c0, c1;
-      while (queues.take_front(tid, phase, total, 1 + int64_t(local() % 4), &c0, &c1))
-        for (int64_t c = c0; c < c1; ++c) work(c);
-      for (int i = 1; i < nth; ++i)
-        while (queues.take_back((tid + i) % nth, phase, total, &c0)) work(c0);
+      // The engine's loop (PhaseQueues::run_phase), with a take size that changes from phase to phase.
+      queues.run_phase(
+          tid, phase, total, 1 + int64_t(phase % 4),
+          [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c) work(c);
+          },
+          [&](int64_t c, int64_t end) {
+            if (c < queues.share_begin(tid, total) || c >= end) errors.fetch_add(1);  // inside this thread's share
+          });
 #pragma omp barrier
       if (tid == 0) {
         for (int64_t c = 0; c < total; ++c) {
